@@ -1,0 +1,78 @@
+"""Command line: `python -m engine --model M --image PATH --prompt TEXT`: streams the reply to stdout.
+
+Stdout carries the reply and nothing else; `--stats` writes prompt tokens, image tokens, time to first token and
+decode tokens/s to stderr. This entry point is a front end like app.py: it reaches the vision side through the
+`vlm` glue, imported here only.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m engine", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None,
+                   help="Hub id or local folder (llava-hf format); omit for the Hub default, or the embedded "
+                        "offline default when the Hub cannot be reached; 'default' forces the embedded one")
+    p.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--system", default="")
+    p.add_argument("--raw", action="store_true", help="no chat template; mark each image with <image>")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    from vision.intake import ImageError
+    from vlm import ChatImage, ChatModel, ChatTurn, Finished, GenerationSettings, TextDelta
+
+    try:
+        images = tuple(ChatImage(Path(p).read_bytes(), Path(p).name) for p in args.image)
+    except OSError as exc:
+        print(f"error: cannot read image: {exc}", file=sys.stderr)
+        return 2
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                                  seed=args.seed, ignore_eos=args.ignore_eos)
+    model = ChatModel.load(args.model, args.device)
+    try:
+        if args.raw:
+            plan = model.plan_raw(args.prompt, list(images), args.max_new_tokens)
+        else:
+            plan = model.plan(args.system, [ChatTurn("user", args.prompt, images)], args.max_new_tokens)
+    except (ImageError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for notice in plan.notices:
+        print(f"note: {notice}", file=sys.stderr)
+    finished = None
+    for event in model.stream(plan, settings):
+        if isinstance(event, TextDelta):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        elif isinstance(event, Finished):
+            finished = event
+    sys.stdout.write("\n")
+    if finished.message:
+        print(f"[{finished.stats.finish_reason}] {finished.message}", file=sys.stderr)
+    if args.stats:
+        s = finished.stats
+        print(f"prompt tokens: {s.prompt_tokens}  image tokens: {s.image_tokens}  generated: {s.generated_tokens}  "
+              f"TTFT: {s.ttft_s * 1000:.0f} ms  decode: {s.decode_tokens_per_s:.1f} tokens/s  "
+              f"finish: {s.finish_reason}", file=sys.stderr)
+    return 1 if finished.stats.finish_reason == "error" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Paged KV-cache bookkeeping: which physical block holds which part of which sequence, with prefix caching.
+
+Pure Python. A full block is keyed by a chained hash of (previous block's key, its token ids, the images it
+covers); a later sequence with the same prefix (a retry, a follow-up turn, the same system prompt) reuses those
+blocks instead of recomputing them. Freed blocks keep their key until they are handed out again, so a prefix
+survives the request that made it. Tensors live in engine/kv_cache.py; this file never sees them.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from engine.sequence import Sequence
+
+
+class Block:
+    __slots__ = ("block_id", "ref_count", "key", "token_ids")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_count = 0
+        self.key: int | None = None
+        self.token_ids: tuple[int, ...] = ()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError("the KV cache needs at least one block")
+        self.block_size = block_size
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_ids: deque[int] = deque(range(num_blocks))
+        self.key_to_block: dict[int, int] = {}
+        self.prefix_caching = enable_prefix_caching
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_ids)
+
+    def _key(self, seq: Sequence, i: int, prev: int | None) -> int:
+        return hash((prev, tuple(seq.block_tokens(i, self.block_size)), seq.block_extra_key(i, self.block_size)))
+
+    def _take(self) -> Block:
+        block_id = self.free_ids.popleft()
+        block = self.blocks[block_id]
+        if block.ref_count == 0 and block.key is not None and self.key_to_block.get(block.key) == block_id:
+            del self.key_to_block[block.key]  # overwritten from now on: forget what it held
+        block.key, block.token_ids = None, ()
+        block.ref_count = 1
+        return block
+
+    def _register(self, block: Block, key: int, tokens: list[int]) -> None:
+        block.key, block.token_ids = key, tuple(tokens)
+        self.key_to_block[key] = block.block_id
+
+    def _lookup(self, key: int, tokens: list[int]) -> Block | None:
+        block_id = self.key_to_block.get(key)
+        if block_id is None:
+            return None
+        block = self.blocks[block_id]
+        return block if block.token_ids == tuple(tokens) else None  # guard against a hash collision
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        return self.num_free >= seq.num_blocks(self.block_size)
+
+    def allocate(self, seq: Sequence) -> None:
+        """Give a waiting sequence blocks for its whole prompt, reusing cached prefix blocks."""
+        assert not seq.block_table
+        prev, hit_run = None, self.prefix_caching
+        for i in range(seq.num_blocks(self.block_size)):
+            tokens = seq.block_tokens(i, self.block_size)
+            full = len(tokens) == self.block_size
+            key = self._key(seq, i, prev) if full else None
+            cached = self._lookup(key, tokens) if (hit_run and full) else None
+            if cached is None:
+                hit_run = False
+                block = self._take()
+                if full and self.prefix_caching:
+                    self._register(block, key, tokens)
+            else:
+                if cached.ref_count == 0:
+                    self.free_ids.remove(cached.block_id)
+                cached.ref_count += 1
+                block = cached
+                seq.num_cached_tokens += self.block_size
+            seq.block_table.append(block.block_id)
+            prev = key
+        # The last prompt token is always recomputed: its logits start the reply.
+        seq.num_cached_tokens = min(seq.num_cached_tokens, len(seq) - 1)
+
+    def free(self, seq: Sequence) -> None:
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_ids.append(block_id)
+        seq.block_table = []
+        seq.num_cached_tokens = 0
+
+    def can_append(self, seq: Sequence) -> bool:
+        """Room for the KV of the token just sampled (it is written in the next decode step)."""
+        needs_new = len(seq) > len(seq.block_table) * self.block_size
+        return self.num_free >= int(needs_new)
+
+    def append_slot(self, seq: Sequence) -> None:
+        """Before a decode step: make sure the newest token has a slot; register blocks that just filled up."""
+        if len(seq) > len(seq.block_table) * self.block_size:
+            seq.block_table.append(self._take().block_id)
+        if self.prefix_caching and len(seq) % self.block_size == 0:
+            i = len(seq) // self.block_size - 1
+            block = self.blocks[seq.block_table[i]]
+            prev = self.blocks[seq.block_table[i - 1]].key if i > 0 else None
+            if block.key is None and (i == 0 or prev is not None):  # only extend an unbroken chain
+                key = self._key(seq, i, prev)
+                if key not in self.key_to_block:
+                    self._register(block, key, seq.block_tokens(i, self.block_size))
+
+    def slot(self, seq: Sequence, position: int) -> int:
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

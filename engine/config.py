@@ -1,0 +1,126 @@
+"""Configuration dataclasses: the language model's hyperparameters (read from config.json) and the engine's knobs.
+
+Nothing here touches torch or the filesystem beyond what the caller hands in; the values are validated once in
+`__post_init__` and never mutated afterwards.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    kind: str = "default"  # "default", "linear", "llama3"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.kind not in ("default", "linear", "llama3"):
+            raise ValueError(f"unsupported rope type {self.kind!r} (supported: default, linear, llama3)")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RopeConfig":
+        # transformers 5 writes `rope_parameters`; older configs write `rope_theta` + `rope_scaling`.
+        params = dict(d.get("rope_parameters") or {})
+        scaling = d.get("rope_scaling") or {}
+        theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+        merged = {**scaling, **params}
+        kind = merged.get("rope_type", merged.get("type", "default")) or "default"
+        return cls(
+            theta=float(theta),
+            kind=kind,
+            factor=float(merged.get("factor", 1.0)),
+            low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(merged.get("original_max_position_embeddings", 8192)),
+        )
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """A decoder-only language model (Llama / Qwen2 family), from a config.json or a llava `text_config`."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    hidden_act: str
+    rope: RopeConfig
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.hidden_act != "silu":
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}: the Llama/Qwen2 MLP uses silu")
+
+    @classmethod
+    def from_dict(cls, d: dict, qkv_bias_default: bool = False) -> "TextConfig":
+        heads = d["num_attention_heads"]
+        bias = d.get("attention_bias")
+        eos = d.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        return cls(
+            model_type=d["model_type"],
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias_default if bias is None else bool(bias),
+            o_bias=False if bias is None else bool(bias),
+            hidden_act=d.get("hidden_act", "silu"),
+            rope=RopeConfig.from_dict(d),
+            eos_token_ids=eos_ids,
+        )
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V per token over all layers, per byte of element size."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs a model. Defaults suit one GPU or a laptop CPU; every field is explicit."""
+
+    device: str = "cpu"
+    dtype: str = "float32"  # "float32", "bfloat16", "float16"
+    block_size: int = 16
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    kv_cache_fraction: float = 0.85  # of free accelerator memory after weights (like LMDeploy's cache_max_entry_count)
+    kv_cache_cpu_bytes: int = 1 << 30  # KV budget on CPU
+    num_kv_blocks: int | None = None  # overrides the sizing above (tests)
+    enable_prefix_caching: bool = True
+    use_triton: bool | None = None  # None: Triton kernels on CUDA, torch twins elsewhere
+    cuda_graphs: bool = True  # decode under CUDA graphs on CUDA devices
+    cuda_graph_batch_sizes: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 24, 32, 48, 64))
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError("block_size must be a power of two")
+        if not 0 < self.kv_cache_fraction <= 1:
+            raise ValueError("kv_cache_fraction must be in (0, 1]")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")

@@ -1,0 +1,13 @@
+"""Language-model families, keyed by the `model_type` of a config.json (or a llava `text_config`).
+
+Each entry: the module class and the family's default for q/k/v bias when the config does not say (Qwen2 has
+q/k/v biases and no `attention_bias` key; Llama has neither).
+"""
+from engine.models.decoder import PACKED, CausalLM
+
+MODELS = {
+    "llama": (CausalLM, False),
+    "qwen2": (CausalLM, True),
+}
+
+__all__ = ["MODELS", "PACKED", "CausalLM"]

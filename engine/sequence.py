@@ -1,0 +1,102 @@
+"""Per-request state: token ids, where the images sit, which KV blocks hold it, and how it ended.
+
+Pure Python (no torch): the scheduler and block manager work on these objects and test on CPU in milliseconds.
+The image embeddings themselves travel as an opaque payload that only the model runner reads.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from engine.sampling_params import SamplingParams
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # end-of-sequence token or a stop string
+    LENGTH = "length"  # max_new_tokens reached
+    CONTEXT = "context"  # the model's context (or the KV cache) is full
+    ABORT = "abort"  # cancelled by the caller
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """`length` placeholder positions starting at `offset` hold one image's features; `digest` names its content.
+
+    The digest goes into prefix-cache keys, so two different images behind identical placeholder ids never share KV.
+    """
+
+    offset: int
+    length: int
+    digest: str
+    embeds: Any = None  # (length, hidden) tensor, read only by the model runner
+
+
+_ids = itertools.count()
+
+
+class Sequence:
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, images: tuple[ImageSpan, ...] = ()):
+        if not prompt_ids:
+            raise ValueError("a prompt needs at least one token")
+        for span in images:
+            if span.offset < 0 or span.offset + span.length > len(prompt_ids):
+                raise ValueError("an image span lies outside the prompt")
+        self.seq_id = next(_ids)
+        self.token_ids = list(prompt_ids)
+        self.num_prompt_tokens = len(prompt_ids)
+        self.params = params
+        self.images = images
+        self.status = Status.WAITING
+        self.block_table: list[int] = []
+        self.num_cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
+        self.finish_reason: FinishReason | None = None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def last_token(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
+    def image_tokens(self) -> int:
+        return sum(s.length for s in self.images)
+
+    def num_blocks(self, block_size: int) -> int:
+        return (len(self.token_ids) + block_size - 1) // block_size
+
+    def block_tokens(self, i: int, block_size: int) -> list[int]:
+        return self.token_ids[i * block_size:(i + 1) * block_size]
+
+    def block_extra_key(self, i: int, block_size: int) -> tuple:
+        """What besides token ids decides block i's KV: the images whose placeholders it covers, with offsets."""
+        lo, hi = i * block_size, (i + 1) * block_size
+        return tuple((s.offset, s.digest) for s in self.images if s.offset < hi and s.offset + s.length > lo)
+
+    def append(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def finish(self, reason: FinishReason) -> None:
+        self.status = Status.FINISHED
+        self.finish_reason = reason

@@ -1,0 +1,120 @@
+"""Incremental detokenization (Chinese, emoji, stop strings), seeded sampling, and the serving loop."""
+import pytest
+import torch
+
+from engine.checkpoint import Checkpoint
+from engine.config import EngineConfig, TextConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from engine.serving import EngineServer
+from engine.sequence import FinishReason
+from tests.tiny_checkpoints import build_tokenizer
+
+TEXTS = ["你好，世界。这是一只猫。", "Emoji: 🐱🐶🎉 and café", "The cat 🐱 sits on the mat 你好"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(chatml=False)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_stream_never_emits_a_broken_character(tokenizer, text):
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    detok = IncrementalDetokenizer(tokenizer, [tokenizer.bos_token_id])
+    deltas = [detok.push(i) for i in ids] + [detok.flush()]
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)
+    # byte-level BPE splits multi-byte characters: some steps must have held text back
+    assert any(d == "" for d in deltas[:-1])
+
+
+def test_stop_string_truncates_and_holds_back_partial_matches(tokenizer):
+    text = "The cat sits. END of story"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    detok = IncrementalDetokenizer(tokenizer, [], stop=("END",))
+    out = []
+    for i in ids:
+        out.append(detok.push(i))
+        if detok.stopped:
+            break
+    assert "".join(out) == "The cat sits. "
+    assert detok.stopped
+
+
+def test_partial_stop_prefix_is_released_when_it_is_not_a_stop(tokenizer):
+    ids = tokenizer("EN and more", add_special_tokens=False).input_ids
+    detok = IncrementalDetokenizer(tokenizer, [], stop=("END",))
+    out = "".join(detok.push(i) for i in ids) + detok.flush()
+    assert out == "EN and more" and not detok.stopped
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer(chatml=False)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-lm")
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    ck = Checkpoint.load(folder)
+    return TextConfig.from_dict(ck.config), ck.parts["text"], tok
+
+
+def make_engine(tiny_lm, **kw):
+    cfg, weights, tok = tiny_lm
+    return LLMEngine(cfg, weights, tok, EngineConfig(**kw))
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_lm):
+    engine = make_engine(tiny_lm)
+    params = SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.9, top_k=20, seed=1234, ignore_eos=True)
+    alone = engine.generate([[1, 5, 9]], params)[0].token_ids
+    again = engine.generate([[1, 5, 9]], params)[0].token_ids
+    other = SamplingParams(max_new_tokens=24, temperature=1.0, seed=99, ignore_eos=True)
+    batched = engine.generate([[1, 7], [1, 5, 9]], [other, params])[1].token_ids
+    different = engine.generate([[1, 5, 9]], SamplingParams(max_new_tokens=24, temperature=1.0, seed=4321,
+                                                           ignore_eos=True))[0].token_ids
+    assert alone == again == batched
+    assert alone != different
+
+
+def test_finish_reasons_length_and_context(tiny_lm):
+    engine = make_engine(tiny_lm, max_model_len=32)
+    out = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=5, ignore_eos=True))[0]
+    assert out.finish_reason is FinishReason.LENGTH and len(out.token_ids) == 5
+    out = engine.generate([[1] * 30], SamplingParams(max_new_tokens=50, ignore_eos=True))[0]
+    assert out.finish_reason is FinishReason.CONTEXT and len(out.token_ids) == 2
+    out = engine.generate([[1] * 40], SamplingParams(max_new_tokens=5))[0]
+    assert out.finish_reason is FinishReason.CONTEXT and out.token_ids == []
+
+
+def test_batch_of_requests_equals_each_alone(tiny_lm):
+    engine = make_engine(tiny_lm)
+    prompts = [[1, 4, 8, 15], [1, 16, 23, 42, 7, 7, 9], [1, 2]]
+    greedy = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    together = [c.token_ids for c in engine.generate(prompts, greedy)]
+    alone = [engine.generate([p], greedy)[0].token_ids for p in prompts]
+    assert together == alone
+
+
+def test_server_streams_and_abort_frees_the_request(tiny_lm):
+    engine = make_engine(tiny_lm)
+    server = EngineServer(engine)
+    stream = server.submit([1, 5, 9], SamplingParams(max_new_tokens=1000, ignore_eos=True))
+    deltas = []
+    for delta in stream:
+        deltas.append(delta)
+        if len(deltas) == 3:
+            break  # leaving the loop closes the stream and aborts the request
+    free_before = engine.blocks.num_blocks
+    done = server.submit([1, 2], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    final = list(done)
+    assert final[-1].finish_reason is FinishReason.LENGTH
+    assert not engine.scheduler.running and engine.blocks.num_free == free_before
+    assert done.stats.generated_tokens == 4 and done.stats.ttft_s > 0

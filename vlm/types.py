@@ -1,0 +1,96 @@
+"""The values that cross the line between the chat UI and the model: turns, settings, stream events.
+
+Plain dataclasses with no torch in them, so that `app.py` and the tests can build and read them without
+loading a model. `vlm.chat_model.ChatModel` consumes turns and settings and yields the events.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ChatImage:
+    """An image as the user sent it: the raw file bytes, decoded (safely) only when the model needs it."""
+
+    data: bytes
+    name: str = "image"
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str  # "user" or "assistant"
+    text: str = ""
+    images: tuple[ChatImage, ...] = ()
+
+    def __post_init__(self):
+        if self.role not in ("user", "assistant"):
+            raise ValueError(f"role must be 'user' or 'assistant', got {self.role!r}")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    repetition_penalty: float = 1.1
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0 (0 means greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0 (0 means no top-k)")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+
+
+@dataclass
+class Plan:
+    """What will be sent to the model for one reply, decided before anything runs.
+
+    `turns` is the conversation after fitting (images downscaled or dropped, old turns dropped); `notices` tells
+    the user, in plain words, every change made to fit and every image that could not be used. `error` is set when
+    nothing can be run at all (then the UI shows it instead of a reply).
+    """
+
+    turns: list[ChatTurn]
+    system: str
+    prompt_tokens: int = 0
+    image_tokens: int = 0
+    max_new_tokens: int = 0
+    context_len: int = 0
+    notices: list[str] = field(default_factory=list)
+    error: str | None = None
+    prepared: object = field(default=None, repr=False)  # the token ids and image spans, for ChatModel.stream
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class TurnStats:
+    prompt_tokens: int
+    image_tokens: int
+    generated_tokens: int
+    ttft_s: float
+    decode_tokens_per_s: float
+    context_used: int
+    context_len: int
+    finish_reason: str  # "stop", "length", "context", "abort", "error"
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Last event of a stream. `message` is a user-facing reason whenever finish_reason is not a normal stop."""
+
+    stats: TurnStats
+    message: str | None = None
