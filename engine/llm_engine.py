@@ -75,7 +75,8 @@ class LLMEngine:
 
     def add_sequence(self, seq: Sequence) -> Sequence:
         """Queue a sequence; one that can never fit the context comes back finished with reason CONTEXT."""
-        self.detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, seq.token_ids, seq.params.stop)
+        if self.tokenizer is not None:  # no tokenizer: token ids only (benchmarks)
+            self.detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, seq.token_ids, seq.params.stop)
         if not self.scheduler.add(seq):
             self.detokenizers.pop(seq.seq_id)
         return seq
@@ -109,19 +110,19 @@ class LLMEngine:
 
     def _advance(self, seq: Sequence, token: int) -> StepOutput:
         seq.append(token)
-        detok = self.detokenizers[seq.seq_id]
+        detok = self.detokenizers.get(seq.seq_id)
         reason = None
         if token in self.eos_token_ids and not seq.params.ignore_eos:
-            reason, text = FinishReason.STOP, detok.flush()
+            reason, text = FinishReason.STOP, detok.flush() if detok else ""
         else:
-            text = detok.push(token)
-            if detok.stopped:
+            text = detok.push(token) if detok else ""
+            if detok and detok.stopped:
                 reason = FinishReason.STOP
             elif seq.num_output_tokens >= seq.params.max_new_tokens:
                 reason = FinishReason.LENGTH
             elif len(seq) >= self.scheduler.max_tokens_per_seq:
                 reason = FinishReason.CONTEXT
-            if reason is not None and reason is not FinishReason.STOP:
+            if detok and reason is not None and reason is not FinishReason.STOP:
                 text += detok.flush()
         if reason is not None:
             self.scheduler.finish(seq, reason)

@@ -33,7 +33,9 @@ class Sampler:
     def _apply_penalty(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         rows = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
         for i in rows:
-            ids = torch.tensor(sorted(set(seqs[i].token_ids)), device=logits.device)
+            # Image placeholders may sit outside the vocabulary (an added <image> token): they carry no logit.
+            ids = torch.tensor(sorted(t for t in set(seqs[i].token_ids) if t < logits.shape[-1]),
+                               device=logits.device, dtype=torch.long)
             penalty = seqs[i].params.repetition_penalty
             seen = logits[i, ids]
             logits[i, ids] = torch.where(seen < 0, seen * penalty, seen / penalty)

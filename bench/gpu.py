@@ -1,0 +1,297 @@
+"""GPU benchmark: our engine vs transformers `generate` on real-size LLaVA architectures with random weights.
+
+    python bench/gpu.py [--arch llava-1.5-7b llava-interleave-qwen-0.5b] [--no-compile] [--json OUT.json]
+
+Both sides run in the same process on the same weights (ours are copied from the transformers model), bf16.
+Measured: batch-1 and batch-32 decode tokens/s, time to first token for one image + 64 text tokens (from pixels
+already on the GPU, and from a 1024x768 JPEG's bytes), peak memory. Printed with the ratios and the share of the
+memory-bandwidth limit (bytes a decode step must read over a copy bandwidth measured here).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import io
+import json
+import statistics
+import time
+import uuid
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.checkpoint import split_parts
+from engine.config import EngineConfig, TextConfig
+from engine.llm_engine import LLMEngine
+from engine.models import MODELS
+from engine.sampling_params import SamplingParams
+from engine.sequence import ImageSpan
+from vision.preprocess import ImageProcessor, decode_jpeg_to_device
+from vision.projector import MultiModalProjector, ProjectorConfig
+from vision.towers import build_vision_tower, load_tower_weights
+
+TEXT_TOKENS, B1_NEW, B32_NEW, BATCH = 64, 256, 128, 32
+
+
+def arch_config(name: str):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, Qwen2Config, SiglipVisionConfig
+
+    if name == "llava-1.5-7b":
+        text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                           rms_norm_eps=1e-5)
+        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+        proc = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 336},
+                "crop_size": {"height": 336, "width": 336}, "do_center_crop": True}
+        return LlavaConfig(text_config=text, vision_config=vision, image_token_id=32000,
+                           vision_feature_layer=-2, vision_feature_select_strategy="default"), proc
+    if name == "llava-interleave-qwen-0.5b":
+        text = Qwen2Config(vocab_size=152000, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                           num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                           rope_theta=1000000.0, tie_word_embeddings=True)
+        vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+                                    num_attention_heads=16, image_size=384, patch_size=14)
+        proc = {"image_processor_type": "SiglipImageProcessor", "size": {"height": 384, "width": 384},
+                "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+        return LlavaConfig(text_config=text, vision_config=vision, image_token_id=151646,
+                           vision_feature_layer=-1, vision_feature_select_strategy="full"), proc
+    raise ValueError(name)
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(2 * 2**30 // 2, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    ms = timed(lambda: y.copy_(x), 10)
+    return 2 * x.numel() * 2 / (ms / 1000)
+
+
+def timed(fn, repeats=5) -> float:
+    """Median milliseconds of fn() on the GPU, after one warm-up."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def jpeg_bytes(w=1024, h=768) -> bytes:
+    yy, xx = np.mgrid[0:h, 0:w]
+    rng = np.random.default_rng(0)
+    img = np.stack([(xx * 255 // w), (yy * 255 // h), ((xx + yy) * 127 // (w + h))], -1).astype(np.int16)
+    img = np.clip(img + rng.integers(-20, 20, img.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def prompt_ids(cfg, n_image: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(3, 30000, (TEXT_TOKENS,), generator=g).tolist()
+    return [1] + [cfg.image_token_id] * n_image + text
+
+
+# ---------------------------------------------------------------- transformers side
+def hf_side(model, cfg, pixels, n_image, compile_lm: bool) -> dict:
+    ids = torch.tensor([prompt_ids(cfg, n_image, 0)], device="cuda")
+    res = {}
+
+    def gen(batch_ids, px, new):
+        return model.generate(input_ids=batch_ids, pixel_values=px, max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False, attention_mask=torch.ones_like(batch_ids))
+
+    with torch.inference_mode():
+        res["ttft_ms"] = timed(lambda: gen(ids, pixels, 1), 5)
+        t_n = timed(lambda: gen(ids, pixels, 1 + B1_NEW // 4), 2)
+        res["b1_tok_s"] = (B1_NEW // 4) / ((t_n - res["ttft_ms"]) / 1000)
+        ids32 = ids.repeat(BATCH, 1)
+        px32 = pixels.repeat(BATCH, 1, 1, 1)
+        t1 = timed(lambda: gen(ids32, px32, 1), 1)
+        t_n = timed(lambda: gen(ids32, px32, 1 + B32_NEW // 2), 1)
+        res["b32_tok_s"] = BATCH * (B32_NEW // 2) / ((t_n - t1) / 1000)
+    res["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    if compile_lm:
+        res.update(hf_compiled_lm(model, cfg))
+    return res
+
+
+def hf_compiled_lm(model, cfg) -> dict:
+    """transformers' fastest documented decode: the language model alone, static cache + torch.compile."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        lm = AutoModelForCausalLM.from_config(cfg.text_config, dtype=torch.bfloat16)
+        lm.model = model.model.language_model
+        lm.lm_head = model.lm_head
+        lm.to("cuda").eval()
+        lm.forward = torch.compile(lm.forward, mode="reduce-overhead", fullgraph=True)
+        ids = torch.tensor([prompt_ids(cfg, 0, 0)], device="cuda")
+        gen = lambda new: lm.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                      cache_implementation="static")
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            gen(8), gen(8)
+            compile_s = time.perf_counter() - t0
+            t1 = timed(lambda: gen(1), 3)
+            tn = timed(lambda: gen(1 + B1_NEW // 2), 3)
+        return {"compiled_b1_tok_s": (B1_NEW // 2) / ((tn - t1) / 1000), "compile_s": compile_s}
+    except Exception as exc:  # report, don't hide: the row says why it is missing
+        return {"compiled_error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+
+
+# ---------------------------------------------------------------- our side
+class Ours:
+    def __init__(self, cfg, proc_dict, state):
+        parts = split_parts(state)
+        text = cfg.text_config.to_dict()
+        self.cfg = cfg
+        tcfg = TextConfig.from_dict(text, MODELS[text["model_type"]][1])
+        self.engine = LLMEngine(tcfg, parts["text"], None, EngineConfig(device="cuda", dtype="bfloat16",
+                                                                       max_num_seqs=BATCH, max_model_len=4096))
+        self.tower = build_vision_tower(cfg.vision_config.to_dict(), cfg.vision_feature_layer,
+                                        cfg.vision_feature_select_strategy, "cuda", torch.bfloat16)
+        load_tower_weights(self.tower, parts["vision"])
+        self.projector = MultiModalProjector(ProjectorConfig.from_dict(cfg.to_dict(), text["hidden_size"]))
+        self.projector.load_state_dict(parts["projector"])
+        self.projector.to("cuda", torch.bfloat16).eval()
+        self.processor = ImageProcessor.from_dict(proc_dict)
+
+    @torch.inference_mode()
+    def encode(self, pixels):
+        return self.projector(self.tower(pixels.to(torch.bfloat16)))[0]  # (T, hidden)
+
+    def request(self, feats, seed=0, new=1, digest=None):
+        ids = prompt_ids(self.cfg, feats.shape[0], seed)
+        span = ImageSpan(1, feats.shape[0], digest or uuid.uuid4().hex, feats)
+        return self.engine.add_request(ids, SamplingParams(max_new_tokens=new, ignore_eos=True), (span,))
+
+    def run_to_end(self):
+        while self.engine.has_work():
+            self.engine.step()
+
+    def measure(self, pixels, jpeg: bytes) -> dict:
+        res = {}
+
+        def from_pixels():
+            self.request(self.encode(pixels))
+            self.run_to_end()
+
+        def from_jpeg():
+            img = decode_jpeg_to_device(jpeg, "cuda")
+            px = self.processor.preprocess_uint8([img])
+            self.request(self.encode(px))
+            self.run_to_end()
+
+        res["ttft_ms"] = timed(from_pixels, 10)
+        res["ttft_jpeg_ms"] = timed(from_jpeg, 10)
+        feats = self.encode(pixels)
+        digest = uuid.uuid4().hex
+        self.request(feats, digest=digest)
+        self.run_to_end()
+        res["ttft_cached_ms"] = timed(lambda: (self.request(feats, digest=digest), self.run_to_end()), 10)
+        res["vision_ms"] = timed(lambda: self.encode(pixels), 10)
+        # batch 1 decode
+        seq = self.request(feats, new=B1_NEW)
+        self.engine.step()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        self.run_to_end()
+        res["b1_tok_s"] = (seq.num_output_tokens - 1) / (time.perf_counter() - t)
+        # batch 32 decode: admit all, run the prefills, then time the decode steps
+        seqs = [self.request(feats, seed=i, new=B32_NEW) for i in range(BATCH)]
+        while any(s.num_output_tokens == 0 for s in seqs):
+            self.engine.step()
+        torch.cuda.synchronize()
+        before = sum(s.num_output_tokens for s in seqs)
+        t = time.perf_counter()
+        self.run_to_end()
+        res["b32_tok_s"] = (sum(s.num_output_tokens for s in seqs) - before) / (time.perf_counter() - t)
+        res["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        return res
+
+
+def bench(name: str, compile_lm: bool, bw: float) -> dict:
+    from transformers import LlavaForConditionalGeneration
+
+    cfg, proc = arch_config(name)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlavaForConditionalGeneration(cfg).to(torch.bfloat16).eval()
+    n_image = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    pixels = torch.randn(1, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, device="cuda",
+                         dtype=torch.bfloat16)
+    torch.cuda.reset_peak_memory_stats()
+    theirs = hf_side(model, cfg, pixels, n_image, compile_lm)
+    state = {k: v for k, v in model.state_dict().items()}
+    lm_bytes = sum(v.numel() * v.element_size() for k, v in state.items() if "vision" not in k
+                   and "projector" not in k and "embed_tokens" not in k)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    ours = Ours(cfg, proc, state)
+    del state
+    gc.collect()
+    mine = ours.measure(pixels, jpeg_bytes())
+    del ours
+    gc.collect()
+    torch.cuda.empty_cache()
+    kv_per_tok = 2 * cfg.text_config.num_hidden_layers * cfg.text_config.num_key_value_heads * \
+        (cfg.text_config.hidden_size // cfg.text_config.num_attention_heads) * 2
+    ctx = 1 + n_image + TEXT_TOKENS + B1_NEW // 2
+    limit_b1 = bw / (lm_bytes + kv_per_tok * ctx)
+    limit_b32 = BATCH * bw / (lm_bytes + BATCH * kv_per_tok * (1 + n_image + TEXT_TOKENS + B32_NEW // 2))
+    return {"arch": name, "ours": mine, "hf": theirs, "lm_bytes": lm_bytes, "limit_b1_tok_s": limit_b1,
+            "limit_b32_tok_s": limit_b32, "image_tokens": n_image}
+
+
+def report(r: dict) -> None:
+    o, h = r["ours"], r["hf"]
+    print(f"\n== {r['arch']}  ({r['image_tokens']} image tokens + {TEXT_TOKENS} text; LM weights "
+          f"{r['lm_bytes'] / 1e9:.2f} GB read per decode step)")
+    print(f"{'metric':<28}{'ours':>10}{'HF eager':>10}{'ratio':>8}{'% of BW limit (ours)':>22}")
+    rows = [("batch-1 decode tok/s", "b1_tok_s", r["limit_b1_tok_s"]),
+            ("batch-32 decode tok/s", "b32_tok_s", r["limit_b32_tok_s"])]
+    for label, key, limit in rows:
+        print(f"{label:<28}{o[key]:>10.1f}{h[key]:>10.1f}{o[key] / h[key]:>7.2f}x"
+              f"{100 * o[key] / limit:>20.0f}%  (limit {limit:.0f})")
+    print(f"{'TTFT from GPU pixels, ms':<28}{o['ttft_ms']:>10.1f}{h['ttft_ms']:>10.1f}"
+          f"{h['ttft_ms'] / o['ttft_ms']:>7.2f}x")
+    print(f"{'TTFT from 1024x768 JPEG, ms':<28}{o['ttft_jpeg_ms']:>10.1f}{'':>10}")
+    print(f"{'TTFT retry (prefix cache)':<28}{o['ttft_cached_ms']:>10.1f}")
+    print(f"{'vision tower+projector, ms':<28}{o['vision_ms']:>10.1f}")
+    print(f"{'peak memory GB':<28}{o['peak_gb']:>10.1f}{h['peak_gb']:>10.1f}")
+    if "compiled_b1_tok_s" in h:
+        c = h["compiled_b1_tok_s"]
+        print(f"{'HF static+compile b1 tok/s':<28}{'':>10}{c:>10.1f}{o['b1_tok_s'] / c:>7.2f}x  "
+              f"(ours vs compiled; compile took {h['compile_s']:.0f} s)")
+    elif "compiled_error" in h:
+        print(f"HF static+compile: did not run: {h['compiled_error']}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", nargs="+", default=["llava-interleave-qwen-0.5b", "llava-1.5-7b"])
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    bw = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    results = []
+    for name in args.arch:
+        results.append(bench(name, not args.no_compile, bw))
+        report(results[-1])
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"bandwidth": bw, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
