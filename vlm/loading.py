@@ -69,7 +69,7 @@ def _load_llava(ck: Checkpoint, name: str, device: str, dtype: str, **engine_kw)
     image_token = tokenizer.convert_ids_to_tokens(full.image_token_id)
     prompt = PromptBuilder(tokenizer, chat_template(ck.path, tokenizer), image_token)
     encoder = LlavaEncoder(processor, tower.eval(), projector, device, torch_dtype)
-    return Bundle(name, f"**{name}** (LLaVA: {vision['model_type']} + {text['model_type']}) on {device}.",
+    return Bundle(name, f"LLaVA checkpoint ({vision['model_type']} + {text['model_type']}) on {device}.",
                   engine, prompt, encoder)
 
 
@@ -77,7 +77,7 @@ def _load_text_only(ck: Checkpoint, name: str, device: str, dtype: str, **engine
     tokenizer = AutoTokenizer.from_pretrained(ck.path)
     engine = _engine(ck, ck.config, tokenizer, device, dtype, **engine_kw)
     prompt = PromptBuilder(tokenizer, chat_template(ck.path, tokenizer), IMAGE_TOKEN)
-    return Bundle(name, f"**{name}** (text only: images are not seen) on {device}.", engine, prompt, None)
+    return Bundle(name, f"A text-only language model on {device}: images are not seen.", engine, prompt, None)
 
 
 def load_default(device: str, dtype: str, **engine_kw) -> Bundle:
@@ -90,7 +90,7 @@ def load_default(device: str, dtype: str, **engine_kw) -> Bundle:
     prompt = PromptBuilder(tokenizer, chat_template(ck.path, tokenizer), IMAGE_TOKEN)
     name = "embedded default (SmolLM2-135M-Instruct + EfficientNet-Lite0 labels)"
     description = (
-        f"**{name}** on {device}. Runs offline with no download. It is not a trained vision-language model: "
+        f"Runs offline on {device} with no download. It is not a trained vision-language model: "
         "an ImageNet classifier names what it sees (top labels with confidences) and those words are placed in "
         "the image's positions of the prompt, through the same path a LLaVA projector uses. Good for trying the "
         "app; for real image understanding start it with `--model llava-hf/llava-interleave-qwen-0.5b-hf`.")
