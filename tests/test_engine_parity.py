@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from engine.sampling_params import SamplingParams
-from tests.tiny_checkpoints import make_tiny_llava
+from tests.tiny_checkpoints import make_tiny_llava, random_png
 from vlm import ChatImage, ChatModel, ChatTurn
 from vlm.loading import load_bundle
 
@@ -23,13 +23,7 @@ def checkpoint(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def image_bytes():
-    import io
-
-    torch.manual_seed(1)
-    pixels = (torch.rand(37, 53, 3) * 255).to(torch.uint8).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "PNG")
-    return buf.getvalue()
+    return random_png()
 
 
 def hf_inputs(path, image_bytes):

@@ -92,3 +92,15 @@ def make_tiny_llava(folder: Path, family: str, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def random_png(height: int = 37, width: int = 53, seed: int = 1) -> bytes:
+    """An odd-sized random RGB image as PNG bytes (the parity tests' picture)."""
+    import io
+
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    buf = io.BytesIO()
+    Image.fromarray((torch.rand(height, width, 3, generator=g) * 255).to(torch.uint8).numpy()).save(buf, "PNG")
+    return buf.getvalue()

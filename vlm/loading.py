@@ -104,9 +104,10 @@ ARCHITECTURES = {
 }
 
 
-def load_bundle(model: str | None, device: str | None = None, **engine_kw) -> Bundle:
+def load_bundle(model: str | None, device: str | None = None, dtype: str | None = None, **engine_kw) -> Bundle:
     """`None`: the Hub default where the Hub answers, else the embedded default. `"default"`: the embedded one."""
-    device, dtype = pick_device(device)
+    device, default_dtype = pick_device(device)
+    dtype = dtype or default_dtype
     if model == DEFAULT:
         return load_default(device, dtype, **engine_kw)
     try:

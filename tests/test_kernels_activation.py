@@ -1,0 +1,58 @@
+"""silu_and_mul: Triton launcher vs its twin, and the twin vs float64."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the kernel imports: triton reads it when a kernel is defined
+
+from kernels.activation import silu_and_mul_torch, silu_and_mul_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Triton vs twin: both round silu to dtype, then the product. fp32: exp() implementations differ by ~1 ulp.
+# fp16: 1 ulp. bf16: 2 ulps (2**-7 each) since TRITON_INTERPRET truncates fp32 -> bf16 instead of rounding.
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+DTYPES = list(TOL)
+# (T, I): odd rows x odd widths; the interpreter runs one program per (row, 1024 columns), so big ones are slow.
+SHAPES = [(1, 64), (1, 4231), (9, 576), (9, 4231), (41, 64), (41, 576)] + [
+    pytest.param(T, I, marks=pytest.mark.slow) for T, I in [(41, 4231), (341, 576)]
+] + [pytest.param(T, I, marks=pytest.mark.gpu) for T, I in [(341, 4231), (4099, 11008), (4096, 14336)]]
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """torch.empty / empty_like hand out NaN-filled tensors, so anything a launcher leaves unwritten shows up."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T, I", SHAPES)
+def test_triton_matches_twin(T, I, dtype, poison_empty):
+    x = torch.randn(T, 2 * I, device=DEVICE, dtype=dtype) * 4  # reach silu's curved part and its tails
+    y = silu_and_mul_triton(x)
+    assert y.shape == (T, I) and not y.isnan().any()
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(y, silu_and_mul_torch(x), atol=atol, rtol=rtol)
+
+
+def test_strided_rows():
+    x = torch.randn(9, 1500, device=DEVICE)[:, :1152]  # (9, 2*576), rows 1500 apart
+    torch.testing.assert_close(silu_and_mul_triton(x), silu_and_mul_torch(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_twin_matches_float64(dtype):
+    x = torch.randn(41, 2 * 576, device=DEVICE, dtype=dtype) * 4
+    gate, up = x.double().chunk(2, dim=-1)
+    ref = gate * torch.sigmoid(gate) * up
+    # Two roundings to dtype (silu, then the product): 2 ulps.
+    atol, rtol = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}[dtype]
+    torch.testing.assert_close(silu_and_mul_torch(x).double(), ref, atol=atol, rtol=rtol)

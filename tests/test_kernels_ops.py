@@ -1,0 +1,38 @@
+"""kernels.load_ops: the one Triton-or-twin choice, and the twins' shared signatures with their launchers."""
+
+import dataclasses
+import inspect
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the kernel imports: triton reads it when a kernel is defined
+
+from kernels import HAS_TRITON, KernelOps, load_ops  # noqa: E402
+
+FIELDS = ["rms_norm", "add_rms_norm", "rotary", "silu_and_mul", "store_kv", "paged_decode_attention",
+          "paged_prefill_attention"]
+
+
+def test_fields_are_the_seven_ops():
+    assert [f.name for f in dataclasses.fields(KernelOps)] == FIELDS
+
+
+def test_twins_and_launchers_share_signatures():
+    twins = load_ops(use_triton=False)
+    assert all(getattr(twins, name).__name__ == f"{name}_torch" for name in FIELDS)
+    if not HAS_TRITON:
+        with pytest.raises(ImportError):
+            load_ops(use_triton=True)
+        return
+    fast = load_ops(use_triton=True)
+    for name in FIELDS:
+        assert getattr(fast, name).__name__ == f"{name}_triton"
+        assert inspect.signature(getattr(fast, name)) == inspect.signature(getattr(twins, name))
+
+
+def test_ops_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        load_ops(use_triton=False).rms_norm = None
