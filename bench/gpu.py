@@ -217,9 +217,14 @@ class Ours:
         return res
 
 
+def progress(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
 def bench(name: str, compile_lm: bool, bw: float) -> dict:
     from transformers import LlavaForConditionalGeneration
 
+    progress(f"{name}: building transformers model")
     cfg, proc = arch_config(name)
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -228,7 +233,9 @@ def bench(name: str, compile_lm: bool, bw: float) -> dict:
     pixels = torch.randn(1, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, device="cuda",
                          dtype=torch.bfloat16)
     torch.cuda.reset_peak_memory_stats()
+    progress(f"{name}: transformers generate")
     theirs = hf_side(model, cfg, pixels, n_image, compile_lm)
+    progress(f"{name}: transformers done: {theirs}")
     state = {k: v for k, v in model.state_dict().items()}
     lm_bytes = sum(v.numel() * v.element_size() for k, v in state.items() if "vision" not in k
                    and "projector" not in k and "embed_tokens" not in k)
@@ -236,10 +243,13 @@ def bench(name: str, compile_lm: bool, bw: float) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    progress(f"{name}: building our engine (weights copied from the transformers model)")
     ours = Ours(cfg, proc, state)
     del state
     gc.collect()
+    progress(f"{name}: our engine")
     mine = ours.measure(pixels, jpeg_bytes())
+    progress(f"{name}: ours done: {mine}")
     del ours
     gc.collect()
     torch.cuda.empty_cache()

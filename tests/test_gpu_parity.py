@@ -1,15 +1,16 @@
 """GPU path (Triton kernels, CUDA graphs) against the CPU path on the tiny parity checkpoints.
 
-Tolerances, written down: in fp32 the GPU path must give the same greedy tokens and prefill logits within 1e-3
-(Triton's fp32 dots may use a different summation order; TF32 is not used). In bf16, logits carry ~3 significant
-digits (8-bit mantissa) through every layer, so we ask for max |diff| <= 5% of the logits' range and at least 90% of
-the 48 greedy tokens equal (a near-tie can flip a token, and then the rest of the reply follows the new prefix).
+The GPU generates 48 greedy tokens (prefill, then cached decode under CUDA graphs) and records the logits of each
+step; the CPU path computes the same sequence's logits in one full forward. Tolerances, written down, as a share of
+the logits' range: fp32 1e-4 (only summation order differs; TF32 is off), bf16 3% (an 8-bit mantissa through every
+layer). Every GPU token must be the CPU's argmax wherever the CPU's top two logits are further apart than the
+tolerance; at a near-tie either token is right, and comparing whole token lists would fail on rounding alone.
 """
 import pytest
 import torch
 
 from engine.sampling_params import SamplingParams
-from tests.test_engine_parity import QUESTION, run_prefill_logits
+from tests.test_engine_parity import QUESTION, RecordingSampler, run_prefill_logits
 from tests.tiny_checkpoints import make_tiny_llava, random_png
 from vlm import ChatImage, ChatModel, ChatTurn
 from vlm.loading import load_bundle
@@ -22,26 +23,40 @@ def checkpoint(request, tmp_path_factory):
     return make_tiny_llava(tmp_path_factory.mktemp(request.param), request.param)
 
 
-def greedy_and_logits(checkpoint, device, **kw):
-    bundle = load_bundle(str(checkpoint), device, **kw)
+def gpu_run(checkpoint, dtype):
+    """Greedy 48 tokens on the GPU, with the logits each step sampled from (prefill, then cached decode)."""
+    bundle = load_bundle(str(checkpoint), "cuda", dtype)
     plan = ChatModel(bundle).plan("", [ChatTurn("user", QUESTION, (ChatImage(random_png(), "x.png"),))], 48)
     ids, spans = plan.prepared
-    tokens = bundle.engine.generate([ids], SamplingParams(max_new_tokens=48, ignore_eos=True), [spans])[0].token_ids
-    logits = run_prefill_logits(bundle.engine, ids, spans).float().cpu()
-    return tokens, logits
+    recorder = RecordingSampler(bundle.engine.runner.sampler)
+    bundle.engine.runner.sampler = recorder
+    out = bundle.engine.generate([ids], SamplingParams(max_new_tokens=48, ignore_eos=True), [spans])[0]
+    return ids, out.token_ids, torch.stack(recorder.seen).float().cpu()
 
 
-def test_gpu_fp32_equals_cpu(checkpoint):
-    cpu_tokens, cpu_logits = greedy_and_logits(checkpoint, "cpu")
-    gpu_tokens, gpu_logits = greedy_and_logits(checkpoint, "cuda", dtype="float32")
-    assert (gpu_logits - cpu_logits).abs().max().item() < 1e-3
-    assert gpu_tokens == cpu_tokens
+def cpu_logits(checkpoint, ids, tokens):
+    """The CPU path's logits for the same sequence, in one full forward (teacher forcing on the GPU's tokens)."""
+    bundle = load_bundle(str(checkpoint), "cpu")
+    plan = ChatModel(bundle).plan("", [ChatTurn("user", QUESTION, (ChatImage(random_png(), "x.png"),))], 48)
+    assert plan.prepared[0] == ids
+    return run_prefill_logits(bundle.engine, ids + tokens[:-1], plan.prepared[1])[len(ids) - 1:]
+
+
+def check(checkpoint, dtype, tol):
+    ids, tokens, gpu = gpu_run(checkpoint, dtype)
+    cpu = cpu_logits(checkpoint, ids, tokens)
+    span = (cpu.max() - cpu.min()).item()
+    assert (gpu - cpu).abs().max().item() <= tol * span
+    # Each GPU token is the CPU's argmax too, except where the CPU's top two are closer than the tolerance.
+    top2 = cpu.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * tol * span
+    assert clear.any()  # never vacuous
+    assert (cpu.argmax(-1) == torch.tensor(tokens))[clear].all()
+
+
+def test_gpu_fp32_matches_cpu(checkpoint):
+    check(checkpoint, "float32", 1e-4)
 
 
 def test_gpu_bf16_close_to_cpu(checkpoint):
-    cpu_tokens, cpu_logits = greedy_and_logits(checkpoint, "cpu")
-    gpu_tokens, gpu_logits = greedy_and_logits(checkpoint, "cuda")  # bf16 by default on CUDA
-    span = (cpu_logits.max() - cpu_logits.min()).item()
-    assert (gpu_logits - cpu_logits).abs().max().item() <= 0.05 * span
-    same = sum(a == b for a, b in zip(gpu_tokens, cpu_tokens))
-    assert same >= 0.9 * len(cpu_tokens)
+    check(checkpoint, "bfloat16", 0.03)
