@@ -4,6 +4,10 @@ import os
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton decides at its first import whether kernels run in its interpreter; torch's compiler (pulled in by
+    # transformers) imports it early, so this must be set before any test module loads.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

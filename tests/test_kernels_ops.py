@@ -8,7 +8,7 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the kernel imports: triton reads it when a kernel is defined
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported: it picks interpreted kernels then
 
 from kernels import HAS_TRITON, KernelOps, load_ops  # noqa: E402
 

@@ -1,0 +1,214 @@
+"""Decode attention: one new query token per sequence against its paged KV cache.
+
+q (B, Hq, D); the caches (num_blocks, block_size, Hk, D); `block_tables[b]` lists sequence b's blocks and
+`seq_lens[b]` counts its keys, the current token's included (already stored). A padding row has seq_len 0 and gets
+zeros. The Triton path is split-K "flash decoding": programs (sequence, KV head, key split) each reduce a slice of the
+keys for all Hq/Hk query heads sharing that KV head, then a small kernel merges the splits; with one split the first
+kernel writes the output itself. Sizes come from shapes only, so the launch is CUDA-graph capturable. Not here:
+prefill or chunked prefill (`paged_prefill.py`), sliding windows, ALiBi, soft-capping.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ._triton import triton, tl
+
+_LOG2E = 1.4426950408889634  # the kernels use exp2, so scores are pre-multiplied by log2(e)
+_BLOCK_N = 64  # keys per inner step
+_MIN_SPLIT_KEYS = 128  # below this a split's fixed cost (q load, partial write, merge) outweighs its work
+_MAX_SPLITS = 64
+_INTERPRETER_SMS = 4  # CPU tensors only run under TRITON_INTERPRET; any small number works
+
+
+def paged_decode_attention_torch(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    B, Hq, D = q.shape
+    block_size, Hk = k_cache.shape[1], k_cache.shape[2]
+    max_keys = block_tables.shape[1] * block_size
+    key_pos = torch.arange(max_keys, device=q.device)  # (L,)
+    valid = key_pos[None, :] < seq_lens[:, None].long()  # (B, L)
+    # Entries past a row's length may be garbage: point them at block 0 and mask their keys out.
+    blocks = torch.where(valid[:, ::block_size], block_tables.long(), 0)  # (B, max_blocks)
+    k = k_cache[blocks].reshape(B, max_keys, Hk, D).repeat_interleave(Hq // Hk, dim=2)  # (B, L, Hq, D)
+    v = v_cache[blocks].reshape(B, max_keys, Hk, D).repeat_interleave(Hq // Hk, dim=2)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2),  # (B, Hq, 1, D)
+        k.transpose(1, 2), v.transpose(1, 2),  # (B, Hq, L, D)
+        attn_mask=valid[:, None, None, :], scale=scale,
+    ).squeeze(2)  # (B, Hq, D)
+    return torch.where((seq_lens > 0)[:, None, None], out, 0.0)  # SDPA gives NaN for a fully masked row
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    if UPCAST:
+        # TRITON_INTERPRET multiplies bf16 as raw uint16 bits; bf16 products are exact in fp32, so this is the
+        # GPU's bf16 dot up to summation order.
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=PRECISION)
+    return c
+
+
+@triton.jit
+def _split_keys(seq_len, num_splits, BLOCK_N: tl.constexpr, MIN_SPLIT_KEYS: tl.constexpr):
+    # Each sequence spreads its OWN keys over the launch's splits, so a short row in a batch sized for the
+    # longest (a CUDA graph's max_blocks) still keeps every split busy.
+    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    return tl.maximum(per_split, MIN_SPLIT_KEYS)
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    scale_log2, num_splits, stride_qb, stride_qh, stride_cache_block, stride_bt,
+    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT_KEYS: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    keys_per_split = _split_keys(seq_len, num_splits, BLOCK_N, MIN_SPLIT_KEYS)
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, seq_len)  # <= start for splits past the sequence: no loop trips
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + g  # (BLOCK_G,) query heads sharing this KV head
+    g_mask = g < GROUP
+    d_mask = d < HEAD_DIM
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
+
+    # Every trip has at least one live key, so m is finite after the first and -inf is a safe start.
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions
+        n_mask = n < end
+        # Masked so no block-table entry past the sequence is read; page ids go int64 before the stride multiply.
+        page = tl.load(block_tables_ptr + b * stride_bt + n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+        # (BLOCK_N, BLOCK_D) offsets into a (blocks, PAGE_SIZE, KV_HEADS, HEAD_DIM) cache, dense below the block
+        kv_offs = (page[:, None] * stride_cache_block + (n % PAGE_SIZE)[:, None] * (KV_HEADS * HEAD_DIM)
+                   + kv_head * HEAD_DIM + d[None, :])
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), UPCAST_DOT, DOT_PRECISION) * scale_log2  # (BLOCK_G, BLOCK_N)
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT, DOT_PRECISION)
+        m = m_new
+
+    rows = b * (KV_HEADS * GROUP) + heads  # (BLOCK_G,) rows of out viewed as (B * Hq, D)
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    l_safe = tl.where(l > 0, l, 1.0)  # a split past the row, or a seq_len 0 row: acc is 0, so write 0, not NaN
+    if SPLIT:
+        # Normalised partial + its log2-sum-exp, at (row, split); the merge reads only splits that hold keys.
+        live = start < seq_len
+        part = rows * num_splits + split
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], acc / l_safe[:, None], mask=out_mask & live)
+        tl.store(part_lse_ptr + part, m + tl.log2(l_safe), mask=g_mask & live)
+    else:
+        tl.store(out_ptr + rows[:, None] * HEAD_DIM + d[None, :],
+                 (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _paged_decode_merge_kernel(
+    part_out_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, num_splits,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, MIN_SPLIT_KEYS: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    row = b * NUM_HEADS + tl.program_id(1)  # row of out viewed as (B * Hq, D)
+    seq_len = tl.load(seq_lens_ptr + b)
+    n_live = tl.cdiv(seq_len, _split_keys(seq_len, num_splits, BLOCK_N, MIN_SPLIT_KEYS))
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_mask = s < n_live
+    lse = tl.load(part_lse_ptr + row * num_splits + s, mask=s_mask, other=float("-inf"))  # (BLOCK_S,)
+    lse_max = tl.where(n_live > 0, tl.max(lse, axis=0), 0.0)  # keeps exp2 finite for a seq_len 0 row
+    w = tl.exp2(lse - lse_max)  # 0 for dead splits
+    parts = tl.load(part_out_ptr + (row * num_splits + s)[:, None] * HEAD_DIM + d[None, :],
+                    mask=s_mask[:, None] & (d[None, :] < HEAD_DIM), other=0.0)  # (BLOCK_S, BLOCK_D)
+    total = tl.sum(w, axis=0)
+    out = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+def _check(q, k_cache, v_cache, block_tables, seq_lens):
+    B, Hq, D = q.shape
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[3] != D or Hq % k_cache.shape[2]:
+        raise ValueError(f"caches must be (blocks, block_size, Hk, {D}) with Hq % Hk == 0, got "
+                         f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)} for q {tuple(q.shape)}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != B or seq_lens.shape != (B,):
+        raise ValueError(f"block_tables (B, max_blocks) and seq_lens (B,) for B={B}, got "
+                         f"{tuple(block_tables.shape)}, {tuple(seq_lens.shape)}")
+    if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+        raise ValueError("block_tables and seq_lens must be int32")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"q {q.dtype} and caches {k_cache.dtype}/{v_cache.dtype} must share a dtype")
+    if q.stride(-1) != 1 or block_tables.stride(-1) != 1:
+        raise ValueError("q and block_tables need a unit stride in their last dim")
+    _, block_size, Hk, _ = k_cache.shape
+    dense = (block_size * Hk * D, Hk * D, D, 1)
+    if k_cache.stride()[1:] != dense[1:] or v_cache.stride() != k_cache.stride() or k_cache.stride(0) < dense[0]:
+        raise ValueError(f"caches must be dense within a block and share strides, got {k_cache.stride()} and "
+                         f"{v_cache.stride()}")
+    if len({t.device for t in (q, k_cache, v_cache, block_tables, seq_lens)}) != 1:
+        raise ValueError("all inputs must be on one device")
+
+
+def _num_splits(batch: int, kv_heads: int, max_keys: int, device: torch.device) -> int:
+    # Enough (sequence, KV head, split) programs to cover the GPU twice, but no more splits than the longest
+    # possible row fills at the minimum split size. Shapes only: a CUDA graph replays any seq_lens.
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" \
+        else _INTERPRETER_SMS
+    want = triton.cdiv(2 * sms, batch * kv_heads)
+    return max(min(want, _MAX_SPLITS, triton.cdiv(max_keys, _MIN_SPLIT_KEYS)), 1)
+
+
+def paged_decode_attention_triton(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    _check(q, k_cache, v_cache, block_tables, seq_lens)
+    B, Hq, D = q.shape
+    block_size, Hk = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous: the kernel assumes it
+    if B == 0:
+        return out
+    num_splits = _num_splits(B, Hk, block_tables.shape[1] * block_size, q.device)
+    split = num_splits > 1
+    # Sized from shapes alone. Only splits holding keys are written and merged; with one split the first kernel
+    # writes `out` itself and these stay untouched.
+    part_out = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
+    BLOCK_D = triton.next_power_of_2(D)
+    _paged_decode_kernel[(B, Hk, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
+        scale * _LOG2E, num_splits, q.stride(0), q.stride(1), k_cache.stride(0), block_tables.stride(0),
+        KV_HEADS=Hk, GROUP=Hq // Hk, BLOCK_G=max(16, triton.next_power_of_2(Hq // Hk)),  # tl.dot needs M >= 16
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, PAGE_SIZE=block_size, BLOCK_N=_BLOCK_N, MIN_SPLIT_KEYS=_MIN_SPLIT_KEYS,
+        SPLIT=split,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32: no silent TF32
+        UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,  # CPU tensors mean TRITON_INTERPRET
+        num_warps=4, num_stages=3,  # BLOCK_N, warps and stages: the best of a sweep on an H100 (bf16, D=128)
+    )
+    if split:
+        _paged_decode_merge_kernel[(B, Hq)](
+            part_out, part_lse, seq_lens, out, num_splits,
+            NUM_HEADS=Hq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_N=_BLOCK_N, MIN_SPLIT_KEYS=_MIN_SPLIT_KEYS,
+            num_warps=4,
+        )
+    return out
