@@ -30,6 +30,7 @@ from engine.sequence import ImageSpan
 from vision.preprocess import ImageProcessor, decode_jpeg_to_device
 from vision.projector import MultiModalProjector, ProjectorConfig
 from vision.towers import build_vision_tower, load_tower_weights
+from vlm.encoders import LlavaEncoder
 
 TEXT_TOKENS, B1_NEW, B32_NEW, BATCH = 64, 256, 128, 32
 
@@ -162,10 +163,12 @@ class Ours:
         self.projector.load_state_dict(parts["projector"])
         self.projector.to("cuda", torch.bfloat16).eval()
         self.processor = ImageProcessor.from_dict(proc_dict)
+        # The product's encoder: GPU preprocessing and a CUDA-graphed tower + projector.
+        self.encoder = LlavaEncoder(self.processor, self.tower.eval(), self.projector, "cuda", torch.bfloat16)
 
     @torch.inference_mode()
     def encode(self, pixels):
-        return self.projector(self.tower(pixels.to(torch.bfloat16)))[0]  # (T, hidden)
+        return self.encoder.forward(pixels.to(torch.bfloat16))[0]  # (T, hidden)
 
     def request(self, feats, seed=0, new=1, digest=None):
         ids = prompt_ids(self.cfg, feats.shape[0], seed)
@@ -197,6 +200,9 @@ class Ours:
         self.run_to_end()
         res["ttft_cached_ms"] = timed(lambda: (self.request(feats, digest=digest), self.run_to_end()), 10)
         res["vision_ms"] = timed(lambda: self.encode(pixels), 10)
+        graphs = self.engine.runner.graphs
+        res["graph_step_b1_ms"] = timed(lambda: graphs.graphs[1].replay(), 20)
+        res["graph_step_b32_ms"] = timed(lambda: graphs.graphs[BATCH].replay(), 20)
         # batch 1 decode
         seq = self.request(feats, new=B1_NEW)
         self.engine.step()
@@ -277,6 +283,10 @@ def report(r: dict) -> None:
     print(f"{'TTFT from 1024x768 JPEG, ms':<28}{o['ttft_jpeg_ms']:>10.1f}{'':>10}")
     print(f"{'TTFT retry (prefix cache)':<28}{o['ttft_cached_ms']:>10.1f}")
     print(f"{'vision tower+projector, ms':<28}{o['vision_ms']:>10.1f}")
+    print(f"{'decode graph replay b1, ms':<28}{o['graph_step_b1_ms']:>10.2f}   (whole step: "
+          f"{1000 / o['b1_tok_s']:.2f} ms; the rest is host work between steps)")
+    print(f"{'decode graph replay b32, ms':<28}{o['graph_step_b32_ms']:>10.2f}   (whole step: "
+          f"{1000 * BATCH / o['b32_tok_s']:.2f} ms)")
     print(f"{'peak memory GB':<28}{o['peak_gb']:>10.1f}{h['peak_gb']:>10.1f}")
     if "compiled_b1_tok_s" in h:
         c = h["compiled_b1_tok_s"]

@@ -24,8 +24,10 @@ class DecodeGraphs:
         self.slots = torch.full((n,), -1, dtype=torch.int64, device=dev)
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=dev)
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
-        self.host = torch.zeros(4, n, dtype=torch.int64, pin_memory=True)  # ids, positions, slots, seq_lens
-        self.host_tables = torch.zeros(n, max_blocks, dtype=torch.int32, pin_memory=True)
+        # Pinned host staging, written through numpy views: no allocation and no per-element torch call per step.
+        self.host = torch.zeros(4, n, dtype=torch.int64).pin_memory()  # ids, positions, slots, seq_lens
+        self.host_tables = torch.zeros(n, max_blocks, dtype=torch.int32).pin_memory()
+        self.host_np, self.host_tables_np = self.host.numpy(), self.host_tables.numpy()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self._capture()
@@ -56,18 +58,22 @@ class DecodeGraphs:
     def run(self, seqs: list[Sequence]) -> torch.Tensor:
         n = len(seqs)
         bs = next(b for b in self.buckets if b >= n)
-        host, tables, blocks = self.host, self.host_tables, self.runner.blocks
-        host[:, :bs] = 0
-        host[2, :bs] = -1
-        tables[:bs] = 0
-        for i, seq in enumerate(seqs):
-            pos = len(seq) - 1
-            host[0, i], host[1, i], host[2, i], host[3, i] = seq.last_token, pos, blocks.slot(seq, pos), len(seq)
-            tables[i, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
-        self.ids[:bs].copy_(host[0, :bs], non_blocking=True)
-        self.positions[:bs].copy_(host[1, :bs], non_blocking=True)
-        self.slots[:bs].copy_(host[2, :bs], non_blocking=True)
-        self.seq_lens[:bs].copy_(host[3, :bs], non_blocking=True)
-        self.block_tables[:bs].copy_(tables[:bs], non_blocking=True)
+        slot, host, tables = self.runner.blocks.slot, self.host_np, self.host_tables_np
+        # The previous step's copies out of these buffers have finished: its logits were read on the host.
+        host[0, :n] = [s.last_token for s in seqs]
+        host[1, :n] = [len(s) - 1 for s in seqs]
+        host[2, :n] = [slot(s, len(s) - 1) for s in seqs]
+        host[3, :n] = [len(s) for s in seqs]
+        host[:, n:bs] = 0
+        host[2, n:bs] = -1  # padding rows write nowhere and attend to nothing
+        width = max(len(s.block_table) for s in seqs)
+        for i, s in enumerate(seqs):
+            tables[i, :len(s.block_table)] = s.block_table
+        self.ids[:bs].copy_(self.host[0, :bs], non_blocking=True)
+        self.positions[:bs].copy_(self.host[1, :bs], non_blocking=True)
+        self.slots[:bs].copy_(self.host[2, :bs], non_blocking=True)
+        self.seq_lens[:bs].copy_(self.host[3, :bs], non_blocking=True)
+        # Table entries past a row's length are never read (the kernels stop at seq_lens), so stale ones may stay.
+        self.block_tables[:n, :width].copy_(self.host_tables[:n, :width], non_blocking=True)
         self.graphs[bs].replay()
         return self.logits[bs][:n]

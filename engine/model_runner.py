@@ -92,8 +92,17 @@ class ModelRunner:
                                seq_lens=self._tensor([len(s) for s in seqs], torch.int32))
         return self._tensor(ids, torch.int64), self._tensor(positions, torch.int64), md
 
+    @staticmethod
+    def _one_new_token(seqs: list[Sequence]) -> bool:
+        """A prefill whose sequences each lack only their last token's KV (a prefix-cache hit: a retry, a resent
+        prompt) is a decode step in all but name; it then runs as one, under the decode CUDA graph."""
+        return all(len(s) - s.num_cached_tokens == 1 and
+                   not any(sp.offset + sp.length >= len(s) for sp in s.images) for s in seqs)
+
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+        if is_prefill and self._one_new_token(seqs):
+            is_prefill = False
         if is_prefill:
             embeds, positions, md = self.prepare_prefill(seqs)
             hidden = self.model(embeds, positions, self.cos_sin, md)

@@ -118,3 +118,18 @@ def test_server_streams_and_abort_frees_the_request(tiny_lm):
     assert final[-1].finish_reason is FinishReason.LENGTH
     assert not engine.scheduler.running and engine.blocks.num_free == free_before
     assert done.stats.generated_tokens == 4 and done.stats.ttft_s > 0
+
+
+def test_prefix_cache_hit_gives_the_same_reply(tiny_lm):
+    """A resent prompt reuses its KV blocks; with one token left to compute it runs as a decode step."""
+    prompt = [1] + [(5 * i) % 300 + 3 for i in range(47)]  # 3 full blocks of 16: all cached on the resend
+    greedy = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    cold = make_engine(tiny_lm, enable_prefix_caching=False).generate([prompt], greedy)[0].token_ids
+    engine = make_engine(tiny_lm)
+    first = engine.generate([prompt], greedy)[0].token_ids
+    seq = engine.add_request(prompt, greedy)
+    engine.step()  # admission: blocks allocated, the prefix found
+    assert seq.num_cached_tokens == len(prompt) - 1
+    while engine.has_work():
+        engine.step()
+    assert first == seq.output_ids == cold

@@ -6,6 +6,8 @@ the logits' range: fp32 1e-4 (only summation order differs; TF32 is off), bf16 3
 layer). Every GPU token must be the CPU's argmax wherever the CPU's top two logits are further apart than the
 tolerance; at a near-tie either token is right, and comparing whole token lists would fail on rounding alone.
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -23,28 +25,27 @@ def checkpoint(request, tmp_path_factory):
     return make_tiny_llava(tmp_path_factory.mktemp(request.param), request.param)
 
 
-def gpu_run(checkpoint, dtype):
-    """Greedy 48 tokens on the GPU, with the logits each step sampled from (prefill, then cached decode)."""
-    bundle = load_bundle(str(checkpoint), "cuda", dtype)
+def cpu_plan(checkpoint):
+    bundle = load_bundle(str(checkpoint), "cpu")
     plan = ChatModel(bundle).plan("", [ChatTurn("user", QUESTION, (ChatImage(random_png(), "x.png"),))], 48)
-    ids, spans = plan.prepared
+    return bundle, plan.prepared
+
+
+def gpu_run(checkpoint, dtype, ids, spans):
+    """Greedy 48 tokens on the GPU from the CPU's prompt and image features, with the logits of each step."""
+    bundle = load_bundle(str(checkpoint), "cuda", dtype)
+    spans = tuple(dataclasses.replace(s, embeds=s.embeds.to("cuda")) for s in spans)
     recorder = RecordingSampler(bundle.engine.runner.sampler)
     bundle.engine.runner.sampler = recorder
     out = bundle.engine.generate([ids], SamplingParams(max_new_tokens=48, ignore_eos=True), [spans])[0]
-    return ids, out.token_ids, torch.stack(recorder.seen).float().cpu()
-
-
-def cpu_logits(checkpoint, ids, tokens):
-    """The CPU path's logits for the same sequence, in one full forward (teacher forcing on the GPU's tokens)."""
-    bundle = load_bundle(str(checkpoint), "cpu")
-    plan = ChatModel(bundle).plan("", [ChatTurn("user", QUESTION, (ChatImage(random_png(), "x.png"),))], 48)
-    assert plan.prepared[0] == ids
-    return run_prefill_logits(bundle.engine, ids + tokens[:-1], plan.prepared[1])[len(ids) - 1:]
+    return out.token_ids, torch.stack(recorder.seen).float().cpu()
 
 
 def check(checkpoint, dtype, tol):
-    ids, tokens, gpu = gpu_run(checkpoint, dtype)
-    cpu = cpu_logits(checkpoint, ids, tokens)
+    cpu_bundle, (ids, spans) = cpu_plan(checkpoint)
+    tokens, gpu = gpu_run(checkpoint, dtype, ids, spans)
+    # The CPU path's logits for the same sequence, in one full forward (teacher forcing on the GPU's tokens).
+    cpu = run_prefill_logits(cpu_bundle.engine, ids + tokens[:-1], spans)[len(ids) - 1:]
     span = (cpu.max() - cpu.min()).item()
     assert (gpu - cpu).abs().max().item() <= tol * span
     # Each GPU token is the CPU's argmax too, except where the CPU's top two are closer than the tolerance.
@@ -52,6 +53,17 @@ def check(checkpoint, dtype, tol):
     clear = (top2[:, 0] - top2[:, 1]) > 2 * tol * span
     assert clear.any()  # never vacuous
     assert (cpu.argmax(-1) == torch.tensor(tokens))[clear].all()
+
+
+def test_gpu_image_features_close_to_cpu(checkpoint):
+    """GPU preprocessing (resize within 2/255 of the CPU's) and the CUDA-graphed tower, in fp32."""
+    _, (_, spans) = cpu_plan(checkpoint)
+    bundle = load_bundle(str(checkpoint), "cuda", "float32")
+    plan = ChatModel(bundle).plan("", [ChatTurn("user", QUESTION, (ChatImage(random_png(), "x.png"),))], 48)
+    gpu = plan.prepared[1][0].embeds.float().cpu()
+    cpu = spans[0].embeds
+    assert gpu.shape == cpu.shape
+    assert ((gpu - cpu).norm() / cpu.norm()).item() < 0.05
 
 
 def test_gpu_fp32_matches_cpu(checkpoint):

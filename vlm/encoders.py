@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from vision.preprocess import pil_to_uint8
+
 
 class FeatureCache:
     """LRU of image digest -> (T, hidden) features."""
@@ -52,17 +54,32 @@ class ImageEncoder:
 
 
 class LlavaEncoder(ImageEncoder):
-    """Preprocess -> vision tower (selected layer, strategy) -> multimodal projector."""
+    """Preprocess -> vision tower (selected layer, strategy) -> multimodal projector.
+
+    On a GPU, resizing and normalising run there (the decoded image's bytes go over, not a CPU-resized copy), and
+    each image's tower + projector pass replays a CUDA graph captured for one image.
+    """
 
     def __init__(self, processor, tower: torch.nn.Module, projector: torch.nn.Module, device, dtype):
         super().__init__()
         self.processor, self.tower, self.projector = processor, tower, projector
         self.device, self.dtype = torch.device(device), dtype
+        self.forward = self._forward
+        if self.device.type == "cuda":
+            from vision.graphed import GraphedForward  # imported where used: CPU installs never need it
+
+            self.forward = GraphedForward(self._forward, (1, 3, *processor.output_size()), dtype, self.device)
+
+    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.tower(pixels))  # (N, 3, H, W) -> (N, T, hidden)
 
     def _encode(self, images):
-        pixels = self.processor(images).to(self.device, self.dtype)  # (N, 3, H, W)
-        feats = self.projector(self.tower(pixels))  # (N, T, hidden)
-        return list(feats)
+        if self.device.type == "cuda":
+            pixels = self.processor.preprocess_uint8([pil_to_uint8(im).to(self.device) for im in images])
+        else:
+            pixels = self.processor(images)
+        pixels = pixels.to(self.device, self.dtype)  # (N, 3, H, W)
+        return [self.forward(pixels[i:i + 1])[0] for i in range(len(images))]
 
 
 class LabelEncoder(ImageEncoder):
