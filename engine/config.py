@@ -112,12 +112,17 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides the sizing above (tests)
     enable_prefix_caching: bool = True
     use_triton: bool | None = None  # None: Triton kernels on CUDA, torch twins elsewhere
+    # A bf16 copy of the weights for decode steps: on CPUs without bf16 matrix units that is ~2.7x faster than fp32
+    # there while prefill stays fp32 (bf16 prefill is ~6x slower). Only meaningful with dtype float32.
+    decode_weight_dtype: str | None = None
     cuda_graphs: bool = True  # decode under CUDA graphs on CUDA devices
     cuda_graph_batch_sizes: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 24, 32, 48, 64))
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.decode_weight_dtype not in (None, "bfloat16", "float16"):
+            raise ValueError("decode_weight_dtype must be None, bfloat16 or float16")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError("block_size must be a power of two")
         if not 0 < self.kv_cache_fraction <= 1:

@@ -17,6 +17,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import count_blocks
 from engine.loader import build_text_model
 from engine.model_runner import ModelRunner
+from engine.models.decoder import add_lowp_copies
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import FinishReason, ImageSpan, Sequence
@@ -50,12 +51,16 @@ class LLMEngine:
             self.device.type == "cuda" and HAS_TRITON)
         self.ops = load_ops(use_triton)
         self.model = build_text_model(text_cfg, weights, self.ops, self.device, self.dtype)
+        if cfg.decode_weight_dtype is not None:
+            add_lowp_copies(self.model, DTYPES[cfg.decode_weight_dtype])
         self.max_model_len = min(cfg.max_model_len or text_cfg.max_position_embeddings,
                                  text_cfg.max_position_embeddings)
         num_blocks = count_blocks(text_cfg, cfg, self.dtype, self.device, self.max_model_len)
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len)
-        self.runner = ModelRunner(self.model, cfg, self.blocks, self.max_model_len, self.dtype, self.device)
+        # CUDA graphs need the Triton kernels: the torch twins read lengths on the host.
+        self.runner = ModelRunner(self.model, cfg, self.blocks, self.max_model_len, self.dtype, self.device,
+                                  cuda_graphs=cfg.cuda_graphs and use_triton)
         self.eos_token_ids = frozenset(eos_token_ids or text_cfg.eos_token_ids)
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
 

@@ -20,7 +20,7 @@ from engine.sequence import Sequence
 
 class ModelRunner:
     def __init__(self, model: CausalLM, cfg: EngineConfig, blocks: BlockManager, max_model_len: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, cuda_graphs: bool = False):
         self.model, self.cfg, self.blocks = model, cfg, blocks
         self.device, self.dtype = device, dtype
         self.max_model_len = max_model_len
@@ -32,7 +32,7 @@ class ModelRunner:
             layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = k, v
         self.sampler = Sampler(device)
         self.graphs = None
-        if device.type == "cuda" and cfg.cuda_graphs:
+        if device.type == "cuda" and cuda_graphs:
             from engine.cuda_graphs import DecodeGraphs  # imported where used: CPU-only installs never need it
 
             self.graphs = DecodeGraphs(self, cfg.cuda_graph_batch_sizes, self.max_blocks_per_seq)

@@ -32,14 +32,14 @@ def paged_prefill_attention_torch(
         if q_end == q_start:
             continue
         blocks = block_tables[b, : (seq_len + block_size - 1) // block_size].long()
-        k = k_cache[blocks].reshape(-1, Hk, D)[:seq_len].repeat_interleave(Hq // Hk, dim=1)  # (S, Hq, D)
-        v = v_cache[blocks].reshape(-1, Hk, D)[:seq_len].repeat_interleave(Hq // Hk, dim=1)
+        k = k_cache[blocks].reshape(-1, Hk, D)[:seq_len]  # (S, Hk, D)
+        v = v_cache[blocks].reshape(-1, Hk, D)[:seq_len]
         q_pos = torch.arange(seq_len - (q_end - q_start), seq_len, device=q.device)  # (L,) absolute positions
         causal = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # (L, S)
         # SDPA in q.dtype, like HF's sdpa attention, so fp32 stays in step with HF.
         out[q_start:q_end] = F.scaled_dot_product_attention(
             q[q_start:q_end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),  # (Hq, L|S, D)
-            attn_mask=causal, scale=scale,
+            attn_mask=causal, scale=scale, enable_gqa=True,  # KV heads shared by their query groups, not copied
         ).transpose(0, 1)
     return out
 

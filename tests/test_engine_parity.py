@@ -63,7 +63,7 @@ def run_prefill_logits(engine, ids, spans):
 
 
 def test_prompt_ids_match_processor(checkpoint, image_bytes):
-    model = ChatModel(load_bundle(str(checkpoint), "cpu"))
+    model = ChatModel(load_bundle(str(checkpoint), "cpu", decode_weight_dtype=None))
     plan = our_plan(model, image_bytes)
     assert plan.error is None, plan.error
     ids, spans = plan.prepared
@@ -72,7 +72,7 @@ def test_prompt_ids_match_processor(checkpoint, image_bytes):
 
 
 def test_prefill_logits_match(checkpoint, image_bytes):
-    bundle = load_bundle(str(checkpoint), "cpu", enable_prefix_caching=False)
+    bundle = load_bundle(str(checkpoint), "cpu", decode_weight_dtype=None, enable_prefix_caching=False)
     ids, spans = our_plan(ChatModel(bundle), image_bytes).prepared
     ours = run_prefill_logits(bundle.engine, ids, spans)
     with torch.no_grad():
@@ -82,7 +82,7 @@ def test_prefill_logits_match(checkpoint, image_bytes):
 
 
 def test_greedy_48_tokens_match(checkpoint, image_bytes):
-    bundle = load_bundle(str(checkpoint), "cpu")
+    bundle = load_bundle(str(checkpoint), "cpu", decode_weight_dtype=None)
     ids, spans = our_plan(ChatModel(bundle), image_bytes).prepared
     ours = bundle.engine.generate([ids], SamplingParams(max_new_tokens=48, ignore_eos=True), [spans])[0]
     inputs = hf_inputs(checkpoint, image_bytes)
@@ -110,7 +110,7 @@ class RecordingSampler:
 
 
 def test_cached_decode_equals_full_forward(checkpoint, image_bytes, monkeypatch):
-    bundle = load_bundle(str(checkpoint), "cpu", enable_prefix_caching=False)
+    bundle = load_bundle(str(checkpoint), "cpu", decode_weight_dtype=None, enable_prefix_caching=False)
     engine = bundle.engine
     ids, spans = our_plan(ChatModel(bundle), image_bytes).prepared
     recorder = RecordingSampler(engine.runner.sampler)

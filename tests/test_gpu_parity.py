@@ -26,7 +26,7 @@ def checkpoint(request, tmp_path_factory):
 
 
 def cpu_plan(checkpoint):
-    bundle = load_bundle(str(checkpoint), "cpu")
+    bundle = load_bundle(str(checkpoint), "cpu", decode_weight_dtype=None)
     plan = ChatModel(bundle).plan("", [ChatTurn("user", QUESTION, (ChatImage(random_png(), "x.png"),))], 48)
     return bundle, plan.prepared
 

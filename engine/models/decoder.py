@@ -9,6 +9,7 @@ sequence starts.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionMetadata, PagedAttention
@@ -20,6 +21,32 @@ PACKED = {
     "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
     "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
 }
+
+
+LOWP_MAX_ROWS = 8  # calls with at most this many rows (decode steps) use the low-precision weight copy
+
+
+class Linear(nn.Linear):
+    """nn.Linear that can also keep a low-precision copy of its weight for calls with few rows.
+
+    On CPUs without bf16 matrix units, a bf16 matrix-vector product streams half the bytes and runs ~2.7x faster
+    than fp32, while a bf16 matrix-matrix product (prefill) runs ~6x slower. So decode steps read the bf16 copy and
+    prefill the fp32 weight; activations, norms, attention and the KV cache stay fp32 throughout.
+    """
+
+    lowp: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lowp is None or x.shape[0] > LOWP_MAX_ROWS:
+            return super().forward(x)
+        out = F.linear(x.to(self.lowp.dtype), self.lowp).to(x.dtype)
+        return out if self.bias is None else out + self.bias
+
+
+def add_lowp_copies(model: nn.Module, dtype: torch.dtype) -> None:
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.lowp = module.weight.detach().to(dtype)
 
 
 class RMSNorm(nn.Module):
@@ -41,9 +68,9 @@ class Attention(nn.Module):
         self.q_size = cfg.num_attention_heads * cfg.head_dim
         self.kv_size = cfg.num_key_value_heads * cfg.head_dim
         self.head_dim = cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.qkv_shards = (self.q_size, self.kv_size, self.kv_size)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.attn = PagedAttention(ops, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
 
     def forward(self, x, positions, cos_sin, md: AttentionMetadata):
@@ -61,9 +88,9 @@ class MLP(nn.Module):
     def __init__(self, ops: KernelOps, cfg: TextConfig):
         super().__init__()
         self.ops = ops
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.gate_up_shards = (cfg.intermediate_size, cfg.intermediate_size)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
@@ -109,7 +136,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DecoderModel(ops, cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
