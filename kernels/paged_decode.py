@@ -11,6 +11,7 @@ prefill or chunked prefill (`paged_prefill.py`), sliding windows, ALiBi, soft-ca
 import torch
 import torch.nn.functional as F
 
+from ._dot import _dot
 from ._triton import triton, tl
 
 _LOG2E = 1.4426950408889634  # the kernels use exp2, so scores are pre-multiplied by log2(e)
@@ -45,17 +46,6 @@ def paged_decode_attention_torch(
         # enable_gqa shares each KV head with its Hq/Hk query heads without materialising copies.
         out[b] = F.scaled_dot_product_attention(q[b].unsqueeze(1), k, v, scale=scale, enable_gqa=True).squeeze(1)
     return out
-
-
-@triton.jit
-def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    if UPCAST:
-        # TRITON_INTERPRET multiplies bf16 as raw uint16 bits; bf16 products are exact in fp32, so this is the
-        # GPU's bf16 dot up to summation order.
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        c = tl.dot(a, b, input_precision=PRECISION)
-    return c
 
 
 @triton.jit

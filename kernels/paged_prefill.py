@@ -11,6 +11,7 @@ sliding windows, ALiBi, soft-capping, non-causal (vision) attention.
 import torch
 import torch.nn.functional as F
 
+from ._dot import _dot
 from ._triton import triton, tl
 
 _LOG2E = 1.4426950408889634  # the kernel uses exp2, so scores are pre-multiplied by log2(e)
@@ -42,17 +43,6 @@ def paged_prefill_attention_torch(
             attn_mask=causal, scale=scale, enable_gqa=True,  # KV heads shared by their query groups, not copied
         ).transpose(0, 1)
     return out
-
-
-@triton.jit
-def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    if UPCAST:
-        # TRITON_INTERPRET multiplies bf16 as raw uint16 bits; bf16 products are exact in fp32, so this is the
-        # GPU's bf16 dot up to summation order.
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        c = tl.dot(a, b, input_precision=PRECISION)
-    return c
 
 
 @triton.jit
