@@ -11,7 +11,7 @@ sliding windows, ALiBi, soft-capping, non-causal (vision) attention.
 import torch
 import torch.nn.functional as F
 
-from ._dot import _dot
+from ._paged import _dot, check_caches
 from ._triton import triton, tl
 
 _LOG2E = 1.4426950408889634  # the kernel uses exp2, so scores are pre-multiplied by log2(e)
@@ -133,25 +133,13 @@ def _paged_prefill_kernel(
 
 
 def _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens):
-    T, Hq, D = q.shape
     B = seq_lens.shape[0]
-    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[3] != D or Hq % k_cache.shape[2]:
-        raise ValueError(f"caches must be (blocks, block_size, Hk, {D}) with Hq % Hk == 0, got "
-                         f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)} for q {tuple(q.shape)}")
+    check_caches(q, k_cache, v_cache, block_tables)
     if block_tables.dim() != 2 or block_tables.shape[0] != B or cu_seqlens_q.shape != (B + 1,):
         raise ValueError(f"block_tables (B, max_blocks) and cu_seqlens_q (B+1,) for B={B}, got "
                          f"{tuple(block_tables.shape)}, {tuple(cu_seqlens_q.shape)}")
     if any(t.dtype != torch.int32 for t in (block_tables, cu_seqlens_q, seq_lens)):
         raise ValueError("block_tables, cu_seqlens_q and seq_lens must be int32")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"q {q.dtype} and caches {k_cache.dtype}/{v_cache.dtype} must share a dtype")
-    if q.stride(-1) != 1 or block_tables.stride(-1) != 1:
-        raise ValueError("q and block_tables need a unit stride in their last dim")
-    _, block_size, Hk, _ = k_cache.shape
-    dense = (block_size * Hk * D, Hk * D, D, 1)
-    if k_cache.stride()[1:] != dense[1:] or v_cache.stride() != k_cache.stride() or k_cache.stride(0) < dense[0]:
-        raise ValueError(f"caches must be dense within a block and share strides, got {k_cache.stride()} and "
-                         f"{v_cache.stride()}")
     if len({t.device for t in (q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens)}) != 1:
         raise ValueError("all inputs must be on one device")
 

@@ -1,0 +1,37 @@
+"""What the two paged-attention files share: the tile matrix product and the checks on the KV cache layout.
+
+Imported by those files only, never by `kernels/__init__`: triton decides between compiled and interpreted code
+(TRITON_INTERPRET) when a jit function is defined, so `import kernels` alone must define none.
+"""
+
+import torch
+
+from ._triton import tl, triton
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    if UPCAST:
+        # TRITON_INTERPRET multiplies bf16 as raw uint16 bits; bf16 products are exact in fp32, so this is the
+        # GPU's bf16 dot up to summation order.
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=PRECISION)
+    return c
+
+
+def check_caches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor) -> None:
+    """q (..., Hq, D); caches (num_blocks, block_size, Hk, D), dense within a block, sharing strides and q's dtype."""
+    Hq, D = q.shape[-2:]
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[3] != D or Hq % k_cache.shape[2]:
+        raise ValueError(f"caches must be (blocks, block_size, Hk, {D}) with Hq % Hk == 0, got "
+                         f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)} for q {tuple(q.shape)}")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"q {q.dtype} and caches {k_cache.dtype}/{v_cache.dtype} must share a dtype")
+    if q.stride(-1) != 1 or block_tables.stride(-1) != 1:
+        raise ValueError("q and block_tables need a unit stride in their last dim")
+    _, block_size, Hk, _ = k_cache.shape
+    dense = (block_size * Hk * D, Hk * D, D, 1)
+    if k_cache.stride()[1:] != dense[1:] or v_cache.stride() != k_cache.stride() or k_cache.stride(0) < dense[0]:
+        raise ValueError(f"caches must be dense within a block and share strides, got {k_cache.stride()} and "
+                         f"{v_cache.stride()}")
