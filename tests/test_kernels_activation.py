@@ -1,32 +1,10 @@
 """silu_and_mul: Triton launcher vs its twin, and the twin vs float64."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported: it picks interpreted kernels then
-
-from kernels import HAS_TRITON  # noqa: E402
-from kernels.activation import silu_and_mul_torch, silu_and_mul_triton  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _interpreter_usable() -> bool:
-    # Triton makes its own library (tl.sum, tl.cdiv) interpreted or compiled when first imported. If something
-    # imported it before TRITON_INTERPRET was set (torch._dynamo does, in a full-suite run), kernels cannot run.
-    from triton.language import cdiv
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(cdiv, InterpretedFunction)
-
-
-needs_triton = pytest.mark.skipif(
-    DEVICE == "cpu" and not (HAS_TRITON and _interpreter_usable()),
-    reason="no triton, or it was imported before TRITON_INTERPRET=1: set that in tests/conftest.py",
-)
+from kernels.activation import silu_and_mul_torch, silu_and_mul_triton
+from tests.triton_setup import DEVICE, fill_empty_with_nan, needs_triton
 
 # Triton vs twin: both round silu to dtype, then the product. fp32: exp() implementations differ by ~1 ulp.
 # fp16: 1 ulp. bf16: 2 ulps (2**-7 each) since TRITON_INTERPRET truncates fp32 -> bf16 instead of rounding.
@@ -40,14 +18,7 @@ SHAPES = [(1, 64), (1, 4231), (9, 576), (9, 4231), (41, 64), (41, 576)] + [
 
 @pytest.fixture
 def poison_empty(monkeypatch):
-    """torch.empty / empty_like hand out NaN-filled tensors, so anything a launcher leaves unwritten shows up."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
+    fill_empty_with_nan(monkeypatch)
 
 
 @needs_triton

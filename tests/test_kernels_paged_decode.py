@@ -1,36 +1,14 @@
 """paged_decode_attention: Triton (split-K and single-pass) vs its twin, the twin vs dense float64 attention."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported: it picks interpreted kernels then
-
-from kernels import HAS_TRITON  # noqa: E402
-from kernels.paged_decode import (  # noqa: E402
+from kernels.paged_decode import (
     _num_splits,
     paged_decode_attention_torch,
     paged_decode_attention_triton,
 )
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _interpreter_usable() -> bool:
-    # Triton makes its own library (tl.sum, tl.cdiv) interpreted or compiled when first imported. If something
-    # imported it before TRITON_INTERPRET was set (torch._dynamo does, in a full-suite run), kernels cannot run.
-    from triton.language import cdiv
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(cdiv, InterpretedFunction)
-
-
-needs_triton = pytest.mark.skipif(
-    DEVICE == "cpu" and not (HAS_TRITON and _interpreter_usable()),
-    reason="no triton, or it was imported before TRITON_INTERPRET=1: set that in tests/conftest.py",
-)
+from tests.triton_setup import DEVICE, fill_empty_with_nan, needs_triton, paged_kv
 
 # Triton vs twin. fp32: both exact fp32 (no TF32), only summation order differs. fp16/bf16: the kernel rounds the
 # softmax weights to dtype before the PV product (flash attention does), the twin's SDPA does not round the same
@@ -52,37 +30,11 @@ CASES = [
     ([1000, 1], 2, 3, 80, 32),
     ([4096] * 256, 8, 4, 128, 16),  # big batch: one pass, no split
 ]]
-GARBAGE_BLOCK = 2**30  # block-table entries past a row's length: any use of one would read far out of bounds
 
 
 @pytest.fixture
 def poison_empty(monkeypatch):
-    """torch.empty / empty_like hand out NaN-filled tensors, so anything a launcher leaves unwritten shows up."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
-
-
-def _paged(seq_lens, Hk, D, block_size, dtype, spare_blocks=2):
-    """Dense per-row K/V scattered over a shuffled paged cache whose other slots hold random data."""
-    need = [-(-n // block_size) for n in seq_lens]
-    num_blocks = sum(need) + 3
-    k_cache = torch.randn(num_blocks, block_size, Hk, D, device=DEVICE, dtype=dtype)
-    v_cache = torch.randn_like(k_cache)
-    block_tables = torch.full((len(seq_lens), max(need) + spare_blocks), GARBAGE_BLOCK, dtype=torch.int32)
-    order = iter(torch.randperm(num_blocks).tolist())
-    keys, values = [], []
-    for b, (n, nb) in enumerate(zip(seq_lens, need)):
-        block_tables[b, :nb] = torch.tensor([next(order) for _ in range(nb)], dtype=torch.int32)
-        rows = block_tables[b, :nb].long().to(DEVICE)
-        keys.append(k_cache[rows].reshape(-1, Hk, D)[:n])  # (n, Hk, D): what the row must attend to
-        values.append(v_cache[rows].reshape(-1, Hk, D)[:n])
-    seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
-    return k_cache, v_cache, block_tables.to(DEVICE), seq_lens, keys, values
+    fill_empty_with_nan(monkeypatch)
 
 
 def _dense64(q, keys, values, scale):
@@ -95,7 +47,7 @@ def _dense64(q, keys, values, scale):
 
 
 def _case(seq_lens, Hk, group, D, block_size, dtype):
-    k_cache, v_cache, block_tables, lens, keys, values = _paged(seq_lens, Hk, D, block_size, dtype)
+    k_cache, v_cache, block_tables, lens, keys, values = paged_kv(seq_lens, Hk, D, block_size, dtype)
     q = torch.randn(len(seq_lens), Hk * group, D, device=DEVICE, dtype=dtype)
     return q, k_cache, v_cache, block_tables, lens, keys, values
 
@@ -129,7 +81,7 @@ def test_cases_cover_split_and_single_pass():
     split = set()
     for case in CASES:
         seq_lens, Hk, _, _, block_size = case.values if hasattr(case, "values") else case  # pytest.param or tuple
-        max_keys = (-(-max(seq_lens) // block_size) + 2) * block_size  # block_tables width from _paged
+        max_keys = (-(-max(seq_lens) // block_size) + 2) * block_size  # block_tables width from paged_kv
         split.add(_num_splits(len(seq_lens), Hk, max_keys, torch.device(DEVICE)) > 1)
     assert split == {True, False}
 

@@ -1,32 +1,10 @@
 """paged_prefill_attention: Triton vs its twin over plain, prefix-cached and chunked prefill; twin vs float64."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported: it picks interpreted kernels then
-
-from kernels import HAS_TRITON  # noqa: E402
-from kernels.paged_prefill import paged_prefill_attention_torch, paged_prefill_attention_triton  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _interpreter_usable() -> bool:
-    # Triton makes its own library (tl.sum, tl.cdiv) interpreted or compiled when first imported. If something
-    # imported it before TRITON_INTERPRET was set (torch._dynamo does, in a full-suite run), kernels cannot run.
-    from triton.language import cdiv
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(cdiv, InterpretedFunction)
-
-
-needs_triton = pytest.mark.skipif(
-    DEVICE == "cpu" and not (HAS_TRITON and _interpreter_usable()),
-    reason="no triton, or it was imported before TRITON_INTERPRET=1: set that in tests/conftest.py",
-)
+from kernels.paged_prefill import paged_prefill_attention_torch, paged_prefill_attention_triton
+from tests.triton_setup import DEVICE, fill_empty_with_nan, needs_triton, paged_kv
 
 # Triton vs twin. fp32: both exact fp32 (no TF32), only summation order differs. fp16/bf16: the kernel rounds the
 # softmax weights to dtype before the PV product (flash attention does), the twin's SDPA does not round the same
@@ -49,39 +27,19 @@ CASES = [
     ([512] * 4, [512, 1024, 1536, 2048], 4, 7, 128, 32),
     ([300, 1], [300, 900], 2, 3, 80, 32),
 ]]
-GARBAGE_BLOCK = 2**30  # block-table entries past a sequence's keys: any use of one would read far out of bounds
 
 
 @pytest.fixture
 def poison_empty(monkeypatch):
-    """torch.empty / empty_like hand out NaN-filled tensors, so anything a launcher leaves unwritten shows up."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
+    fill_empty_with_nan(monkeypatch)
 
 
 def _case(q_lens, seq_lens, Hk, group, D, block_size, dtype, spare_blocks=2):
     """Packed queries and dense per-sequence K/V scattered over a shuffled paged cache of random data."""
-    need = [-(-n // block_size) for n in seq_lens]
-    num_blocks = sum(need) + 3
-    k_cache = torch.randn(num_blocks, block_size, Hk, D, device=DEVICE, dtype=dtype)
-    v_cache = torch.randn_like(k_cache)
-    block_tables = torch.full((len(seq_lens), max(need) + spare_blocks), GARBAGE_BLOCK, dtype=torch.int32)
-    order = iter(torch.randperm(num_blocks).tolist())
-    keys, values = [], []
-    for b, (n, nb) in enumerate(zip(seq_lens, need)):
-        block_tables[b, :nb] = torch.tensor([next(order) for _ in range(nb)], dtype=torch.int32)
-        rows = block_tables[b, :nb].long().to(DEVICE)
-        keys.append(k_cache[rows].reshape(-1, Hk, D)[:n])  # (n, Hk, D)
-        values.append(v_cache[rows].reshape(-1, Hk, D)[:n])
+    k_cache, v_cache, block_tables, lens, keys, values = paged_kv(seq_lens, Hk, D, block_size, dtype, spare_blocks)
     cu_seqlens_q = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(DEVICE)
     q = torch.randn(sum(q_lens), Hk * group, D, device=DEVICE, dtype=dtype)
-    args = (q, k_cache, v_cache, block_tables.to(DEVICE), cu_seqlens_q,
-            torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), max(q_lens), D**-0.5)
+    args = (q, k_cache, v_cache, block_tables, cu_seqlens_q, lens, max(q_lens), D**-0.5)
     return args, keys, values
 
 

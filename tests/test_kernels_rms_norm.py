@@ -1,32 +1,10 @@
 """rms_norm / add_rms_norm: Triton launcher vs its twin, the twin vs float64 and vs HF's LlamaRMSNorm."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported: it picks interpreted kernels then
-
-from kernels import HAS_TRITON  # noqa: E402
-from kernels.rms_norm import add_rms_norm_torch, add_rms_norm_triton, rms_norm_torch, rms_norm_triton  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _interpreter_usable() -> bool:
-    # Triton makes its own library (tl.sum, tl.cdiv) interpreted or compiled when first imported. If something
-    # imported it before TRITON_INTERPRET was set (torch._dynamo does, in a full-suite run), kernels cannot run.
-    from triton.language import cdiv
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(cdiv, InterpretedFunction)
-
-
-needs_triton = pytest.mark.skipif(
-    DEVICE == "cpu" and not (HAS_TRITON and _interpreter_usable()),
-    reason="no triton, or it was imported before TRITON_INTERPRET=1: set that in tests/conftest.py",
-)
+from kernels.rms_norm import add_rms_norm_torch, add_rms_norm_triton, rms_norm_torch, rms_norm_triton
+from tests.triton_setup import DEVICE, fill_empty_with_nan, needs_triton
 
 EPS = 1e-6
 # Triton vs twin. fp32: same math, only the sum-of-squares order and rsqrt's last bit differ (~1e-7 relative).
@@ -42,14 +20,7 @@ SHAPES = [(1, 64), (1, 4231), (9, 576), (9, 4231), (41, 64), (41, 576)] + [
 
 @pytest.fixture
 def poison_empty(monkeypatch):
-    """torch.empty / empty_like hand out NaN-filled tensors, so anything a launcher leaves unwritten shows up."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
+    fill_empty_with_nan(monkeypatch)
 
 
 def _close(actual, expected, dtype):

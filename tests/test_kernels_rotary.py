@@ -1,32 +1,10 @@
 """rotary (in place): Triton launcher vs its twin on packed-qkv views, the twin vs float64 and vs HF."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported: it picks interpreted kernels then
-
-from kernels import HAS_TRITON  # noqa: E402
-from kernels.rotary import rotary_torch, rotary_triton  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _interpreter_usable() -> bool:
-    # Triton makes its own library (tl.sum, tl.cdiv) interpreted or compiled when first imported. If something
-    # imported it before TRITON_INTERPRET was set (torch._dynamo does, in a full-suite run), kernels cannot run.
-    from triton.language import cdiv
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(cdiv, InterpretedFunction)
-
-
-needs_triton = pytest.mark.skipif(
-    DEVICE == "cpu" and not (HAS_TRITON and _interpreter_usable()),
-    reason="no triton, or it was imported before TRITON_INTERPRET=1: set that in tests/conftest.py",
-)
+from kernels.rotary import rotary_torch, rotary_triton
+from tests.triton_setup import DEVICE, needs_triton
 
 MAX_POS = 4096
 # Triton vs twin. Both round the table to dtype like HF; the twin then rounds each product (as HF does), the kernel
