@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from engine.sampling_params import SamplingParams
 from engine.serving import EngineServer
 from vision.intake import ImageError, IntakeLimits, image_digest, load_image
 from vlm.budget import Item, fit
@@ -107,11 +106,7 @@ class ChatModel:
             yield Finished(self._stats(plan, 0, 0.0, 0.0, "error"), plan.error or "Nothing to run.")
             return
         ids, spans = plan.prepared
-        params = SamplingParams(max_new_tokens=plan.max_new_tokens, temperature=settings.temperature,
-                                top_p=settings.top_p, top_k=settings.top_k,
-                                repetition_penalty=settings.repetition_penalty, seed=settings.seed,
-                                stop=settings.stop, ignore_eos=settings.ignore_eos)
-        request = self.server.submit(ids, params, spans)
+        request = self.server.submit(ids, settings.sampling_params(plan.max_new_tokens), spans)
         text = []
         try:
             for delta in request:

@@ -1,11 +1,13 @@
 """The values that cross the line between the chat UI and the model: turns, settings, stream events.
 
-Plain dataclasses with no torch in them, so that `app.py` and the tests can build and read them without
-loading a model. `vlm.chat_model.ChatModel` consumes turns and settings and yields the events.
+Plain dataclasses with no torch in them (the one import, engine.sampling_params, is plain Python too), so that
+`app.py` and the tests can build and read them without loading a model. `vlm.chat_model.ChatModel` consumes turns and settings and yields the events.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -39,16 +41,12 @@ class GenerationSettings:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0 (0 means greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError("top_k must be >= 0 (0 means no top-k)")
-        if self.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be > 0")
+        self.sampling_params()  # the engine's own checks, with their messages
+
+    def sampling_params(self, max_new_tokens: int | None = None) -> SamplingParams:
+        return SamplingParams(max_new_tokens=max_new_tokens or self.max_new_tokens, temperature=self.temperature,
+                              top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
+                              seed=self.seed, stop=self.stop, ignore_eos=self.ignore_eos)
 
 
 @dataclass
