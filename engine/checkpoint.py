@@ -28,8 +28,6 @@ PREFIXES = (
     ("vision_tower.", "vision", ""),
     ("model.multi_modal_projector.", "projector", ""),
     ("multi_modal_projector.", "projector", ""),
-    ("model.image_newline", "image_newline", "image_newline"),
-    ("image_newline", "image_newline", "image_newline"),
     ("lm_head.", "text", "lm_head."),
     ("model.", "text", "model."),
 )
