@@ -85,10 +85,20 @@ def wait_for_streamed_answer(page) -> list[int]:
     return lengths
 
 
+def set_greedy(page):
+    """Temperature 0 in the Settings accordion, as a user would set it: the answer must not depend on sampling luck."""
+    page.locator("button.label-wrap", has_text="Settings").first.click()  # the accordion, not the footer link
+    box = page.get_by_label("number input for Temperature")
+    box.fill("0")
+    box.press("Enter")
+    assert box.input_value() == "0"
+
+
 def test_chat_about_a_photo_then_retry_undo_and_clear(page, tmp_path):
     header = page.locator("h2", has_text="Chat about your photos")
     assert header.is_visible()
     assert "Model:" in page.inner_text("body")
+    set_greedy(page)
 
     page.set_input_files("#chat-input input[type=file]", str(save_cat_png(tmp_path / "chelsea.png")))
     page.wait_for_selector("#chat-input img")  # the upload's thumbnail in the textbox
