@@ -37,27 +37,18 @@ def load_ops(use_triton: bool) -> KernelOps:
     from .rms_norm import add_rms_norm_torch, add_rms_norm_triton, rms_norm_torch, rms_norm_triton
     from .rotary import rotary_torch, rotary_triton
 
-    if not use_triton:
-        return KernelOps(
-            rms_norm=rms_norm_torch,
-            add_rms_norm=add_rms_norm_torch,
-            rotary=rotary_torch,
-            silu_and_mul=silu_and_mul_torch,
-            store_kv=store_kv_torch,
-            paged_decode_attention=paged_decode_attention_torch,
-            paged_prefill_attention=paged_prefill_attention_torch,
-        )
-    if not _triton.HAS_TRITON:
+    impls = {  # op -> (torch twin, Triton launcher)
+        "rms_norm": (rms_norm_torch, rms_norm_triton),
+        "add_rms_norm": (add_rms_norm_torch, add_rms_norm_triton),
+        "rotary": (rotary_torch, rotary_triton),
+        "silu_and_mul": (silu_and_mul_torch, silu_and_mul_triton),
+        "store_kv": (store_kv_torch, store_kv_triton),
+        "paged_decode_attention": (paged_decode_attention_torch, paged_decode_attention_triton),
+        "paged_prefill_attention": (paged_prefill_attention_torch, paged_prefill_attention_triton),
+    }
+    if use_triton and not _triton.HAS_TRITON:
         raise ImportError("load_ops(use_triton=True) needs triton, which is not installed")
-    return KernelOps(
-        rms_norm=rms_norm_triton,
-        add_rms_norm=add_rms_norm_triton,
-        rotary=rotary_triton,
-        silu_and_mul=silu_and_mul_triton,
-        store_kv=store_kv_triton,
-        paged_decode_attention=paged_decode_attention_triton,
-        paged_prefill_attention=paged_prefill_attention_triton,
-    )
+    return KernelOps(**{name: pair[int(use_triton)] for name, pair in impls.items()})
 
 
 __all__ = ["HAS_TRITON", "KernelOps", "load_ops"]

@@ -1,4 +1,5 @@
-"""What the two paged-attention files share: the tile matrix product and the checks on the KV cache layout.
+"""What the two paged-attention files share: the tile matrix product, the online-softmax step and the checks on
+the KV cache layout.
 
 Imported by those files only, never by `kernels/__init__`: triton decides between compiled and interpreted code
 (TRITON_INTERPRET) when a jit function is defined, so `import kernels` alone must define none.
@@ -18,6 +19,18 @@ def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     else:
         c = tl.dot(a, b, input_precision=PRECISION)
     return c
+
+
+@triton.jit
+def _softmax_step(s, v, m, l, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax update (flash attention): scores s (rows, keys) in log2 units, already masked; the key
+    tile's values v; running max m, running sum l and unnormalised output acc of each row. Returns acc, m, l."""
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PRECISION)
+    return acc, m_new, l
 
 
 def check_caches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor) -> None:

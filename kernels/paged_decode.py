@@ -11,7 +11,7 @@ prefill or chunked prefill (`paged_prefill.py`), sliding windows, ALiBi, soft-ca
 import torch
 import torch.nn.functional as F
 
-from ._paged import _dot, check_caches
+from ._paged import _dot, _softmax_step, check_caches
 from ._triton import triton, tl
 
 _LOG2E = 1.4426950408889634  # the kernels use exp2, so scores are pre-multiplied by log2(e)
@@ -96,13 +96,8 @@ def _paged_decode_kernel(
         k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), UPCAST_DOT, DOT_PRECISION) * scale_log2  # (BLOCK_G, BLOCK_N)
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
         v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT, DOT_PRECISION)
-        m = m_new
+        acc, m, l = _softmax_step(s, v, m, l, acc, UPCAST_DOT, DOT_PRECISION)
 
     rows = b * (KV_HEADS * GROUP) + heads  # (BLOCK_G,) rows of out viewed as (B * Hq, D)
     out_mask = g_mask[:, None] & d_mask[None, :]

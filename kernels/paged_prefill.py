@@ -11,7 +11,7 @@ sliding windows, ALiBi, soft-capping, non-causal (vision) attention.
 import torch
 import torch.nn.functional as F
 
-from ._paged import _dot, check_caches
+from ._paged import _dot, _softmax_step, check_caches
 from ._triton import triton, tl
 
 _LOG2E = 1.4426950408889634  # the kernel uses exp2, so scores are pre-multiplied by log2(e)
@@ -70,13 +70,8 @@ def _attend_tile(
     s = _dot(q, tl.trans(k), UPCAST_DOT, DOT_PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
     if DIAGONAL:
         s = tl.where((n[None, :] <= pos[:, None]) & n_mask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, axis=1))
-    alpha = tl.exp2(m - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l = l * alpha + tl.sum(p, axis=1)
     v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT, DOT_PRECISION)
-    return acc, m_new, l
+    return _softmax_step(s, v, m, l, acc, UPCAST_DOT, DOT_PRECISION)
 
 
 @triton.jit

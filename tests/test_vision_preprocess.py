@@ -36,13 +36,7 @@ CONFIGS = {
 SIZES = [(37, 53), (300, 17), (64, 64), (9, 120), (401, 233)]  # (W, H): down- and up-sampling, both orientations
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: intra-op threads only add contention (100x slower on a busy 2-core runner). Restored after.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
 def random_images(mode="RGB", seed=0):

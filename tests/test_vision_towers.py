@@ -32,13 +32,7 @@ HF_VISION = {"clip_vision_model": (CLIPVisionConfig, CLIPVisionModel),
 LAYERS = [-2, -1, [-2, -1], 0, [0, 2]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: intra-op threads only add contention (100x slower on a busy 2-core runner). Restored after.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
 def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
