@@ -68,9 +68,10 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 2 / (ms / 1000)
 
 
-def timed(fn, repeats=5) -> float:
-    """Median milliseconds of fn() on the GPU, after one warm-up."""
-    fn()
+def timed(fn, repeats=5, warmup=3) -> float:
+    """Median milliseconds of fn() on the GPU, after warm-up calls (kernel compilation, allocator, clocks)."""
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
