@@ -93,6 +93,8 @@ class ChatModel:
 
     def plan_raw(self, text: str, images: list, max_new_tokens: int) -> Plan:
         """Raw mode (no chat template): `text` marks each image's place with the image token."""
+        if images and not self.sees_images:
+            raise ValueError(f"{self.name} reads text only: it cannot take images")
         pictures = [load_image(im.data, im.name, self.intake_limits) for im in images]
         digests = [image_digest(im.data) for im in images]
         feats = self.bundle.encoder.encode(pictures, digests) if pictures else []
