@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernels.activation import silu_and_mul_torch, silu_and_mul_triton
-from tests.triton_setup import DEVICE, fill_empty_with_nan, needs_triton
+from tests.triton_setup import DEVICE, needs_triton
 
 # Triton vs twin: both round silu to dtype, then the product. fp32: exp() implementations differ by ~1 ulp.
 # fp16: 1 ulp. bf16: 2 ulps (2**-7 each) since TRITON_INTERPRET truncates fp32 -> bf16 instead of rounding.
@@ -14,11 +14,6 @@ DTYPES = list(TOL)
 SHAPES = [(1, 64), (1, 4231), (9, 576), (9, 4231), (41, 64), (41, 576)] + [
     pytest.param(T, I, marks=pytest.mark.slow) for T, I in [(41, 4231), (341, 576)]
 ] + [pytest.param(T, I, marks=pytest.mark.gpu) for T, I in [(341, 4231), (4099, 11008), (4096, 14336)]]
-
-
-@pytest.fixture
-def poison_empty(monkeypatch):
-    fill_empty_with_nan(monkeypatch)
 
 
 @needs_triton

@@ -8,7 +8,7 @@ from kernels.paged_decode import (
     paged_decode_attention_torch,
     paged_decode_attention_triton,
 )
-from tests.triton_setup import DEVICE, fill_empty_with_nan, needs_triton, paged_kv
+from tests.triton_setup import DEVICE, needs_triton, paged_kv
 
 # Triton vs twin. fp32: both exact fp32 (no TF32), only summation order differs. fp16/bf16: the kernel rounds the
 # softmax weights to dtype before the PV product (flash attention does), the twin's SDPA does not round the same
@@ -30,11 +30,6 @@ CASES = [
     ([1000, 1], 2, 3, 80, 32),
     ([4096] * 256, 8, 4, 128, 16),  # big batch: one pass, no split
 ]]
-
-
-@pytest.fixture
-def poison_empty(monkeypatch):
-    fill_empty_with_nan(monkeypatch)
 
 
 def _dense64(q, keys, values, scale):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernels.paged_prefill import paged_prefill_attention_torch, paged_prefill_attention_triton
-from tests.triton_setup import DEVICE, fill_empty_with_nan, needs_triton, paged_kv
+from tests.triton_setup import DEVICE, needs_triton, paged_kv
 
 # Triton vs twin. fp32: both exact fp32 (no TF32), only summation order differs. fp16/bf16: the kernel rounds the
 # softmax weights to dtype before the PV product (flash attention does), the twin's SDPA does not round the same
@@ -27,11 +27,6 @@ CASES = [
     ([512] * 4, [512, 1024, 1536, 2048], 4, 7, 128, 32),
     ([300, 1], [300, 900], 2, 3, 80, 32),
 ]]
-
-
-@pytest.fixture
-def poison_empty(monkeypatch):
-    fill_empty_with_nan(monkeypatch)
 
 
 def _case(q_lens, seq_lens, Hk, group, D, block_size, dtype, spare_blocks=2):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernels.rms_norm import add_rms_norm_torch, add_rms_norm_triton, rms_norm_torch, rms_norm_triton
-from tests.triton_setup import DEVICE, fill_empty_with_nan, needs_triton
+from tests.triton_setup import DEVICE, needs_triton
 
 EPS = 1e-6
 # Triton vs twin. fp32: same math, only the sum-of-squares order and rsqrt's last bit differ (~1e-7 relative).
@@ -16,11 +16,6 @@ DTYPES = list(TOL)
 SHAPES = [(1, 64), (1, 4231), (9, 576), (9, 4231), (41, 64), (41, 576)] + [
     pytest.param(T, H, marks=pytest.mark.slow) for T, H in [(41, 4231), (341, 576)]
 ] + [pytest.param(T, H, marks=pytest.mark.gpu) for T, H in [(341, 4231), (4096, 4096), (4099, 8192)]]
-
-
-@pytest.fixture
-def poison_empty(monkeypatch):
-    fill_empty_with_nan(monkeypatch)
 
 
 def _close(actual, expected, dtype):

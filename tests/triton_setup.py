@@ -1,5 +1,5 @@
 """Shared setup of the kernel tests (tests/test_kernels_*.py): the device they run on, the skip rule for tests that
-launch Triton kernels, what the poison_empty fixtures do and the paged KV cache the paged-attention tests build.
+launch Triton kernels, and the paged KV cache the paged-attention tests build.
 
 TRITON_INTERPRET=1 (no CUDA) is set by tests/conftest.py, before any test module, and so before this one, loads.
 """
@@ -25,22 +25,6 @@ needs_triton = pytest.mark.skipif(
     DEVICE == "cpu" and not (HAS_TRITON and _interpreter_usable()),
     reason="no triton, or it was imported before TRITON_INTERPRET=1: set that in tests/conftest.py",
 )
-
-
-def fill_empty_with_nan(monkeypatch):
-    """torch.empty / empty_like hand out NaN-filled tensors, so anything a launcher leaves unwritten shows up.
-
-    A plain function, not a fixture: an imported fixture reads to linters as an unused import that a test argument
-    then shadows (F401, F811), and their autofix would delete it. Each test module wraps it in its own poison_empty
-    fixture.
-    """
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
 
 
 GARBAGE_BLOCK = 2**30  # block-table entries past a sequence's keys: any use of one would read far out of bounds
