@@ -66,3 +66,15 @@ class IncrementalDetokenizer:
                     best = n
                     break
         return best
+
+
+class NoDetokenizer:
+    """For an engine without a tokenizer (benchmarks, token-id clients): tokens in, no text out."""
+
+    stopped = False
+
+    def push(self, token_id: int) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""

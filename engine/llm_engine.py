@@ -13,7 +13,7 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, TextConfig
-from engine.detokenizer import IncrementalDetokenizer
+from engine.detokenizer import IncrementalDetokenizer, NoDetokenizer
 from engine.kv_cache import count_blocks
 from engine.loader import build_text_model
 from engine.model_runner import ModelRunner
@@ -62,7 +62,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, cfg, self.blocks, self.max_model_len, self.dtype, self.device,
                                   cuda_graphs=cfg.cuda_graphs and use_triton)
         self.eos_token_ids = frozenset(eos_token_ids or text_cfg.eos_token_ids)
-        self.detokenizers: dict[int, IncrementalDetokenizer] = {}
+        self.detokenizers: dict[int, IncrementalDetokenizer | NoDetokenizer] = {}
 
     @property
     def context_len(self) -> int:
@@ -80,8 +80,8 @@ class LLMEngine:
 
     def add_sequence(self, seq: Sequence) -> Sequence:
         """Queue a sequence; one that can never fit the context comes back finished with reason CONTEXT."""
-        if self.tokenizer is not None:  # no tokenizer: token ids only (benchmarks)
-            self.detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, seq.token_ids, seq.params.stop)
+        self.detokenizers[seq.seq_id] = (NoDetokenizer() if self.tokenizer is None else  # token ids only
+                                         IncrementalDetokenizer(self.tokenizer, seq.token_ids, seq.params.stop))
         if not self.scheduler.add(seq):
             self.detokenizers.pop(seq.seq_id)
         return seq
@@ -115,19 +115,19 @@ class LLMEngine:
 
     def _advance(self, seq: Sequence, token: int) -> StepOutput:
         seq.append(token)
-        detok = self.detokenizers.get(seq.seq_id)
+        detok = self.detokenizers[seq.seq_id]
         reason = None
         if token in self.eos_token_ids and not seq.params.ignore_eos:
-            reason, text = FinishReason.STOP, detok.flush() if detok else ""
+            reason, text = FinishReason.STOP, detok.flush()
         else:
-            text = detok.push(token) if detok else ""
-            if detok and detok.stopped:
+            text = detok.push(token)
+            if detok.stopped:
                 reason = FinishReason.STOP
             elif seq.num_output_tokens >= seq.params.max_new_tokens:
                 reason = FinishReason.LENGTH
             elif len(seq) >= self.scheduler.max_tokens_per_seq:
                 reason = FinishReason.CONTEXT
-            if detok and reason is not None and reason is not FinishReason.STOP:
+            if reason is not None and reason is not FinishReason.STOP:
                 text += detok.flush()
         if reason is not None:
             self.scheduler.finish(seq, reason)

@@ -133,3 +133,11 @@ def test_prefix_cache_hit_gives_the_same_reply(tiny_lm):
     while engine.has_work():
         engine.step()
     assert first == seq.output_ids == cold
+
+
+def test_engine_without_tokenizer_gives_tokens_and_refuses_overlong_prompts(tiny_lm):
+    cfg, weights, _ = tiny_lm
+    engine = LLMEngine(cfg, weights, None, EngineConfig(max_model_len=32))
+    out = engine.generate([[1, 2, 3], [1] * 40], SamplingParams(max_new_tokens=5, ignore_eos=True))
+    assert len(out[0].token_ids) == 5 and out[0].text == ""
+    assert out[1].finish_reason is FinishReason.CONTEXT and out[1].token_ids == []
