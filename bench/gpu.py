@@ -243,7 +243,7 @@ def bench(name: str, compile_lm: bool, bw: float) -> dict:
     progress(f"{name}: transformers generate")
     theirs = hf_side(model, cfg, pixels, n_image, compile_lm)
     progress(f"{name}: transformers done: {theirs}")
-    state = {k: v for k, v in model.state_dict().items()}
+    state = model.state_dict()
     lm_bytes = sum(v.numel() * v.element_size() for k, v in state.items() if "vision" not in k
                    and "projector" not in k and "embed_tokens" not in k)
     del model
