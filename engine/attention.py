@@ -1,7 +1,8 @@
 """Attention over the paged KV cache, and the metadata that describes one step's batch.
 
 `AttentionMetadata` is an explicit argument threaded through the model (no module-global context). The layer
-writes the step's new K/V into the cache pages, then attends from the pages: `paged_prefill_attention` for
+applies rotary embedding and writes the step's new K/V into the cache pages (one fused op), then attends from the
+pages: `paged_prefill_attention` for
 prompt tokens (plain, prefix-cached or chunked prefill alike), `paged_decode_attention` for one token per sequence.
 """
 from __future__ import annotations
@@ -32,9 +33,10 @@ class PagedAttention(nn.Module):
         self.scale = head_dim ** -0.5
         self.k_cache = self.v_cache = None  # bound by the model runner once the cache is allocated
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
-        # q (T, Hq, D); k, v (T, Hk, D)
-        self.ops.store_kv(k, v, self.k_cache, self.v_cache, md.slot_mapping)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                cos_sin: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        # q (T, Hq, D); k, v (T, Hk, D), not yet rotated
+        self.ops.rope_store_kv(q, k, v, positions, cos_sin, self.k_cache, self.v_cache, md.slot_mapping)
         if md.is_prefill:
             return self.ops.paged_prefill_attention(q, self.k_cache, self.v_cache, md.block_tables,
                                                     md.cu_seqlens_q, md.seq_lens, md.max_seqlen_q, self.scale)

@@ -100,23 +100,40 @@ class BlockManager:
         seq.block_table = []
         seq.num_cached_tokens = 0
 
+    def needs_block(self, seq: Sequence, ahead: int = 0) -> bool:
+        """Whether the next decode step needs a fresh block: it writes the KV of the newest token (position
+        len(seq) - 1), or with ahead=1 of the token still being sampled on the device (position len(seq))."""
+        return len(seq) + ahead > len(seq.block_table) * self.block_size
+
     def can_append(self, seq: Sequence) -> bool:
         """Room for the KV of the token just sampled (it is written in the next decode step)."""
-        needs_new = len(seq) > len(seq.block_table) * self.block_size
-        return self.num_free >= int(needs_new)
+        return self.num_free >= int(self.needs_block(seq))
 
     def append_slot(self, seq: Sequence) -> None:
         """Before a decode step: make sure the newest token has a slot; register blocks that just filled up."""
-        if len(seq) > len(seq.block_table) * self.block_size:
+        if self.needs_block(seq):
             seq.block_table.append(self._take().block_id)
-        if self.prefix_caching and len(seq) % self.block_size == 0:
-            i = len(seq) // self.block_size - 1
-            block = self.blocks[seq.block_table[i]]
-            prev = self.blocks[seq.block_table[i - 1]].key if i > 0 else None
-            if block.key is None and (i == 0 or prev is not None):  # only extend an unbroken chain
-                key = self._key(seq, i, prev)
-                if key not in self.key_to_block:
-                    self._register(block, key, seq.block_tokens(i, self.block_size))
+        self.register_full_block(seq)
+
+    def append_slot_ahead(self, seq: Sequence) -> None:
+        """Before a decode step launched ahead of its input token (overlap: that token is still being sampled on the
+        device): a slot for position len(seq). The block that token may fill cannot be keyed yet, since keys hash
+        token ids; the engine calls `register_full_block` once the token is known."""
+        if self.needs_block(seq, ahead=1):
+            seq.block_table.append(self._take().block_id)
+
+    def register_full_block(self, seq: Sequence) -> None:
+        """If the newest token completes a block, key the block for later prefixes. Called once a step that writes
+        that token's KV is queued: a keyed block must never lack KV that a later prefix hit would read."""
+        if not self.prefix_caching or len(seq) % self.block_size:
+            return
+        i = len(seq) // self.block_size - 1
+        block = self.blocks[seq.block_table[i]]
+        prev = self.blocks[seq.block_table[i - 1]].key if i > 0 else None
+        if block.key is None and (i == 0 or prev is not None):  # only extend an unbroken chain
+            key = self._key(seq, i, prev)
+            if key not in self.key_to_block:
+                self._register(block, key, seq.block_tokens(i, self.block_size))
 
     def slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

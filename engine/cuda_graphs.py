@@ -4,7 +4,8 @@ A decode step is hundreds of small kernel launches; replaying a captured graph r
 dominates batch-1 decode. Inputs live in static buffers that each replay reads: token ids, positions, KV slots, block
 tables and sequence lengths. A batch runs in the smallest bucket that holds it; the padding rows get slot -1 (no
 KV write) and length 0 (no attention), so they cost almost nothing and touch nothing. Nothing inside the graph
-synchronises with the host.
+synchronises with the host. The input ids may come from the device (the tokens of a step still in flight, when the
+engine launches ahead); then they never visit the host.
 """
 from __future__ import annotations
 
@@ -25,9 +26,13 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=dev)
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
         # Pinned host staging, written through numpy views: no allocation and no per-element torch call per step.
-        self.host = torch.zeros(4, n, dtype=torch.int64).pin_memory()  # ids, positions, slots, seq_lens
-        self.host_tables = torch.zeros(n, max_blocks, dtype=torch.int32).pin_memory()
+        # Two sets used in turn: a step is launched while the previous one may still be queued, its copies out of
+        # the other set not yet run; the set before that is free again, as its step has been resolved (the engine
+        # never has more than one step unresolved when it launches another).
+        self.host = torch.zeros(2, 4, n, dtype=torch.int64).pin_memory()  # [turn]: ids, positions, slots, seq_lens
+        self.host_tables = torch.zeros(2, n, max_blocks, dtype=torch.int32).pin_memory()
         self.host_np, self.host_tables_np = self.host.numpy(), self.host_tables.numpy()
+        self.turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self._capture()
@@ -55,25 +60,33 @@ class DecodeGraphs:
     def fits(self, n: int) -> bool:
         return n <= self.buckets[-1]
 
-    def run(self, seqs: list[Sequence]) -> torch.Tensor:
-        n = len(seqs)
+    def run(self, seqs: list[Sequence], pending: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (len(seqs), V) of one decode step. `pending`: (B,) input ids on the device, sampled by a step still
+        in flight and not yet appended on the host; they sit at position len(seq), one past the last known token."""
+        n, ahead = len(seqs), pending is not None
         bs = next(b for b in self.buckets if b >= n)
-        slot, host, tables = self.runner.blocks.slot, self.host_np, self.host_tables_np
-        # The previous step's copies out of these buffers have finished: its logits were read on the host.
-        host[0, :n] = [s.last_token for s in seqs]
-        host[1, :n] = [len(s) - 1 for s in seqs]
-        host[2, :n] = [slot(s, len(s) - 1) for s in seqs]
-        host[3, :n] = [len(s) for s in seqs]
+        turn, self.turn = self.turn, self.turn ^ 1
+        slot, host, tables = self.runner.blocks.slot, self.host_np[turn], self.host_tables_np[turn]
+        positions = [len(s) - 1 + ahead for s in seqs]
+        if not ahead:
+            host[0, :n] = [s.last_token for s in seqs]
+        host[1, :n] = positions
+        host[2, :n] = [slot(s, p) for s, p in zip(seqs, positions)]
+        host[3, :n] = [p + 1 for p in positions]
         host[:, n:bs] = 0
         host[2, n:bs] = -1  # padding rows write nowhere and attend to nothing
         width = max(len(s.block_table) for s in seqs)
         for i, s in enumerate(seqs):
             tables[i, :len(s.block_table)] = s.block_table
-        self.ids[:bs].copy_(self.host[0, :bs], non_blocking=True)
-        self.positions[:bs].copy_(self.host[1, :bs], non_blocking=True)
-        self.slots[:bs].copy_(self.host[2, :bs], non_blocking=True)
-        self.seq_lens[:bs].copy_(self.host[3, :bs], non_blocking=True)
+        staged, staged_tables = self.host[turn], self.host_tables[turn]
+        if ahead:  # device to device, queued after the step that samples them; padding rows keep stale valid ids
+            self.ids[:n].copy_(pending)
+        else:
+            self.ids[:bs].copy_(staged[0, :bs], non_blocking=True)
+        self.positions[:bs].copy_(staged[1, :bs], non_blocking=True)
+        self.slots[:bs].copy_(staged[2, :bs], non_blocking=True)
+        self.seq_lens[:bs].copy_(staged[3, :bs], non_blocking=True)
         # Table entries past a row's length are never read (the kernels stop at seq_lens), so stale ones may stay.
-        self.block_tables[:n, :width].copy_(self.host_tables[:n, :width], non_blocking=True)
+        self.block_tables[:n, :width].copy_(staged_tables[:n, :width], non_blocking=True)
         self.graphs[bs].replay()
         return self.logits[bs][:n]

@@ -4,6 +4,13 @@
 `step()` runs one prefill batch or one decode step and reports, for each sequence touched, the new text and whether
 (and why) it finished. `generate()` runs a list of requests to completion (like LMDeploy's pipeline given a list of
 prompts). Threads and streaming to many clients live in engine/serving.py.
+
+Overlap (`EngineConfig.overlap_decode`, like SGLang's overlap scheduler and vLLM's async scheduling): a decode step
+is left in flight when `step()` returns. The next `step()` first launches the following decode step, whose input ids
+are the in-flight step's sampled tokens, still on the device, and only then waits for those tokens and does the
+host's work (append, detokenize, stop checks, finishing). So during steady decode the GPU runs step N+1 while the host
+handles step N. Whenever that is not safe (a request waiting to be admitted, no room for the extra KV slot, nothing
+left that surely continues), the step in flight is resolved first and scheduling goes on as without overlap.
 """
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ from engine.config import EngineConfig, TextConfig
 from engine.detokenizer import IncrementalDetokenizer, NoDetokenizer
 from engine.kv_cache import count_blocks
 from engine.loader import build_text_model
-from engine.model_runner import ModelRunner
+from engine.model_runner import LaunchedStep, ModelRunner
 from engine.models.decoder import add_lowp_copies
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -63,6 +70,7 @@ class LLMEngine:
                                   cuda_graphs=cfg.cuda_graphs and use_triton)
         self.eos_token_ids = frozenset(eos_token_ids or text_cfg.eos_token_ids)
         self.detokenizers: dict[int, IncrementalDetokenizer | NoDetokenizer] = {}
+        self.inflight: LaunchedStep | None = None  # a decode step launched and not yet resolved (overlap only)
 
     @property
     def context_len(self) -> int:
@@ -87,11 +95,15 @@ class LLMEngine:
         return seq
 
     def abort(self, seq: Sequence) -> None:
+        """Cancel a request. If it is in the step in flight, its blocks are freed while that step still writes KV
+        into them; that is safe because whatever later reuses a block (a prefill, another decode) is queued on the
+        same stream after it. Its pending token is dropped when the step is resolved."""
         self.scheduler.abort(seq)
         self._release(seq)
 
     def fail_all(self) -> list[Sequence]:
         """After a step raised: finish everything in flight with ERROR so no client waits forever."""
+        self.inflight = None
         failed = list(self.scheduler.running) + list(self.scheduler.waiting)
         self.scheduler.waiting.clear()
         for seq in failed:
@@ -100,33 +112,62 @@ class LLMEngine:
         return failed
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.inflight is not None or self.scheduler.has_work()
 
     def _release(self, seq: Sequence) -> None:
         self.detokenizers.pop(seq.seq_id, None)
         self.runner.sampler.release(seq)
 
     def step(self) -> list[StepOutput]:
+        """Launch the next step, then resolve the one before it; outputs of the step(s) resolved.
+
+        Steady decode with overlap: launch step N+1 on the device tokens of step N, then resolve N. Otherwise:
+        resolve the step in flight (if any), schedule, launch, and resolve a prefill (or, without overlap, any step)
+        at once; a decode step is left in flight for the next call.
+        """
+        if self.inflight is not None:
+            ahead = self.scheduler.schedule_ahead(self.inflight.seqs)
+            if ahead:
+                return self._step_ahead(ahead)
+        outputs = self._resolve_inflight()
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
-            return []
-        tokens = self.runner.run(seqs, is_prefill)
-        return [self._advance(seq, tok) for seq, tok in zip(seqs, tokens)]
+            return outputs
+        launched = self.runner.launch(seqs, is_prefill)
+        if is_prefill or not self.cfg.overlap_decode:
+            return outputs + self._resolve(launched)
+        self.inflight = launched
+        return outputs
+
+    def _step_ahead(self, seqs: list[Sequence]) -> list[StepOutput]:
+        """Launch a decode step for `seqs` fed by the step in flight, then resolve that one."""
+        prev = self.inflight
+        self.inflight = self.runner.launch(seqs, False, after=prev)
+        outputs = self._resolve(prev)
+        for seq in seqs:
+            if not seq.is_finished:
+                # Its newest token is now known, and the step just launched writes that token's KV: the block it
+                # completes can be keyed, as `append_slot` does before a step that is not launched ahead.
+                self.blocks.register_full_block(seq)
+        return outputs
+
+    def _resolve_inflight(self) -> list[StepOutput]:
+        step, self.inflight = self.inflight, None
+        return [] if step is None else self._resolve(step)
+
+    def _resolve(self, step: LaunchedStep) -> list[StepOutput]:
+        """Wait for a step's tokens and apply them. A sequence finished meanwhile (aborted) gets nothing."""
+        tokens = step.token_ids()
+        return [self._advance(seq, tok) for seq, tok in zip(step.seqs, tokens) if not seq.is_finished]
 
     def _advance(self, seq: Sequence, token: int) -> StepOutput:
         seq.append(token)
         detok = self.detokenizers[seq.seq_id]
-        reason = None
         if token in self.eos_token_ids and not seq.params.ignore_eos:
             reason, text = FinishReason.STOP, detok.flush()
         else:
             text = detok.push(token)
-            if detok.stopped:
-                reason = FinishReason.STOP
-            elif seq.num_output_tokens >= seq.params.max_new_tokens:
-                reason = FinishReason.LENGTH
-            elif len(seq) >= self.scheduler.max_tokens_per_seq:
-                reason = FinishReason.CONTEXT
+            reason = FinishReason.STOP if detok.stopped else self.scheduler.limit_reason(seq)
             if reason is not None and reason is not FinishReason.STOP:
                 text += detok.flush()
         if reason is not None:

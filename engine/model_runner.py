@@ -1,10 +1,16 @@
 """Runs the language model for one scheduled step: builds the packed inputs, runs prefill or decode, samples.
 
 Split by phase: `prepare_prefill` / `prepare_decode` turn sequences into tensors (token ids, positions, slots,
-block tables, image embeddings to splice), `run` executes, the sampler picks tokens. Decode on CUDA replays a
-CUDA graph captured for the smallest batch-size bucket that holds the batch (engine/cuda_graphs.py).
+block tables, image embeddings to splice), `launch` queues the step, the sampler picks tokens. Decode on CUDA
+replays a CUDA graph captured for the smallest batch-size bucket that holds the batch (engine/cuda_graphs.py).
+
+`launch` never waits for the device: it returns a `LaunchedStep` whose tokens stay on the device, with a copy on its
+way to pinned host memory. A decode step can take its input ids from a step still in flight (`after`), so the
+engine queues step N+1 before it reads step N's tokens and the GPU never waits for the host's bookkeeping.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -14,8 +20,24 @@ from engine.config import EngineConfig
 from engine.kv_cache import allocate
 from engine.models.decoder import CausalLM
 from engine.rope import cos_sin_cache
-from engine.sampler import Sampler
+from engine.sampler import Sampler, to_device
 from engine.sequence import Sequence
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device. Its sampled tokens stay there (`tokens`, the input of a decode step launched
+    after it) while a copy travels to `host`; `token_ids()` waits for that copy alone, not for later work."""
+
+    seqs: list[Sequence]
+    tokens: torch.Tensor  # (B,) int64 on the device
+    host: torch.Tensor  # (B,) int64: pinned on CUDA; `tokens` itself elsewhere
+    copied: torch.cuda.Event | None = None  # recorded after the copy to `host`; None where work is synchronous
+
+    def token_ids(self) -> list[int]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host.tolist()
 
 
 class ModelRunner:
@@ -31,6 +53,13 @@ class ModelRunner:
         for layer, (k, v) in zip(model.model.layers, self.kv):
             layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = k, v
         self.sampler = Sampler(device)
+        if device.type == "cuda":
+            # Two pinned outboxes for sampled tokens, used in turn: at most one step is unresolved when another is
+            # launched (the engine resolves step N before it launches N+2), so the host has read an outbox before
+            # the step after next copies into it again.
+            self._outboxes = [(torch.empty(cfg.max_num_seqs, dtype=torch.int64).pin_memory(), torch.cuda.Event())
+                              for _ in range(2)]
+            self._turn = 0
         self.graphs = None
         if device.type == "cuda" and cuda_graphs:
             from engine.cuda_graphs import DecodeGraphs  # imported where used: CPU-only installs never need it
@@ -38,8 +67,7 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self, cfg.cuda_graph_batch_sizes, self.max_blocks_per_seq)
 
     def _tensor(self, values, dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda").to(self.device,
-                                                                                            non_blocking=True)
+        return to_device(values, dtype, self.device)
 
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(len(s.block_table) for s in seqs)
@@ -83,14 +111,17 @@ class ModelRunner:
         embeds[rows_t] = torch.cat(feats).to(device=self.device, dtype=embeds.dtype)
         return embeds
 
-    def prepare_decode(self, seqs: list[Sequence]):
-        ids = [s.last_token for s in seqs]
-        positions = [len(s) - 1 for s in seqs]
-        slots = [self.blocks.slot(s, len(s) - 1) for s in seqs]
+    def prepare_decode(self, seqs: list[Sequence], pending: torch.Tensor | None = None):
+        """Decode inputs: each sequence's last token at position len(seq) - 1, or with `pending` ((B,) device ids
+        that a step in flight sampled and the host has not appended yet) those ids at position len(seq)."""
+        ahead = pending is not None
+        positions = [len(s) - 1 + ahead for s in seqs]
+        slots = [self.blocks.slot(s, p) for s, p in zip(seqs, positions)]
         md = AttentionMetadata(is_prefill=False, slot_mapping=self._tensor(slots, torch.int64),
                                block_tables=self._block_tables(seqs),
-                               seq_lens=self._tensor([len(s) for s in seqs], torch.int32))
-        return self._tensor(ids, torch.int64), self._tensor(positions, torch.int64), md
+                               seq_lens=self._tensor([p + 1 for p in positions], torch.int32))
+        ids = pending if ahead else self._tensor([s.last_token for s in seqs], torch.int64)
+        return ids, self._tensor(positions, torch.int64), md
 
     @staticmethod
     def _one_new_token(seqs: list[Sequence]) -> bool:
@@ -99,19 +130,41 @@ class ModelRunner:
         return all(len(s) - s.num_cached_tokens == 1 and
                    not any(sp.offset + sp.length >= len(s) for sp in s.images) for s in seqs)
 
-    @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+    def _pending_ids(self, seqs: list[Sequence], after: LaunchedStep) -> torch.Tensor:
+        """`after`'s tokens for `seqs`, gathered on the device. The batch is `after`'s minus the sequences that
+        finish with it, in the same order; when none finish, the tokens are used as they are."""
+        if len(seqs) == len(after.seqs):
+            return after.tokens
+        row = {s.seq_id: i for i, s in enumerate(after.seqs)}
+        return after.tokens[self._tensor([row[s.seq_id] for s in seqs], torch.int64)]
+
+    def _logits(self, seqs: list[Sequence], is_prefill: bool, pending: torch.Tensor | None) -> torch.Tensor:
         if is_prefill and self._one_new_token(seqs):
             is_prefill = False
         if is_prefill:
             embeds, positions, md = self.prepare_prefill(seqs)
             hidden = self.model(embeds, positions, self.cos_sin, md)
             last = md.cu_seqlens_q[1:].long() - 1
-            logits = self.model.logits(hidden[last])
-        elif self.graphs is not None and self.graphs.fits(len(seqs)):
-            logits = self.graphs.run(seqs)
-        else:
-            ids, positions, md = self.prepare_decode(seqs)
-            hidden = self.model(self.model.embed(ids), positions, self.cos_sin, md)
-            logits = self.model.logits(hidden)
-        return self.sampler(logits, seqs)
+            return self.model.logits(hidden[last])
+        if self.graphs is not None and self.graphs.fits(len(seqs)):
+            return self.graphs.run(seqs, pending)
+        ids, positions, md = self.prepare_decode(seqs, pending)
+        hidden = self.model(self.model.embed(ids), positions, self.cos_sin, md)
+        return self.model.logits(hidden)
+
+    @torch.inference_mode()
+    def launch(self, seqs: list[Sequence], is_prefill: bool, after: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue one step and return without waiting for it. `after`: the decode step still in flight whose sampled
+        tokens are this decode step's input ids; they go from its output to this step's input on the device."""
+        assert after is None or not is_prefill, "only a decode step takes its input from the device"
+        pending = None if after is None else self._pending_ids(seqs, after)
+        tokens = self.sampler(self._logits(seqs, is_prefill, pending), seqs, pending)
+        if self.device.type != "cuda":
+            return LaunchedStep(seqs, tokens, tokens)
+        host, copied = self._outboxes[self._turn]
+        self._turn ^= 1
+        host = host[:len(seqs)]
+        host.copy_(tokens, non_blocking=True)
+        copied.record()
+        return LaunchedStep(seqs, tokens, host, copied)
+

@@ -2,14 +2,23 @@
 
 Order and semantics follow transformers' `generate` (penalty on every token already in the sequence, then
 temperature, top-k, top-p). Sampling draws `probs / Exponential(1)` noise and takes the argmax, which equals a
-multinomial draw without a host sync (gpt-fast); a request with a seed draws its noise from its own generator, so
-its output does not depend on what else is in the batch.
+multinomial draw without a host sync (gpt-fast); a request with a seed draws its noise from its own generator, once
+per step it is in, so its output does not depend on what else is in the batch. The tokens come back as a device
+tensor and nothing here waits for the device: per-request values travel through pinned memory, so the engine can
+launch the next step before it reads these tokens (engine/llm_engine.py).
 """
 from __future__ import annotations
 
 import torch
 
 from engine.sequence import Sequence
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor without a host sync. A pageable host-to-device copy waits for the stream; a
+    pinned one is queued. The pinned staging comes from torch's caching host allocator, which does not hand it out
+    again before the copy has run."""
+    return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
 
 
 class Sampler:
@@ -30,24 +39,43 @@ class Sampler:
             self.generators[seq.seq_id] = gen
         return gen
 
-    def _apply_penalty(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        rows = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
-        for i in rows:
-            # Image placeholders may sit outside the vocabulary (an added <image> token): they carry no logit.
-            ids = torch.tensor(sorted(t for t in set(seqs[i].token_ids) if t < logits.shape[-1]),
-                               device=logits.device, dtype=torch.long)
-            penalty = seqs[i].params.repetition_penalty
-            seen = logits[i, ids]
-            logits[i, ids] = torch.where(seen < 0, seen * penalty, seen / penalty)
-        return logits
+    def _apply_penalty(self, logits: torch.Tensor, seqs: list[Sequence],
+                       pending: torch.Tensor | None) -> torch.Tensor:
+        """Penalise every token id the sequence holds, its pending token (sampled, still on the device) included.
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        One gather and one scatter for the batch over a (B, L) table of ids. Rows are padded with a repeat of one
+        of their own ids, and the pending id may repeat a held one: a duplicate gathers the same logit and writes
+        the same value back, so it changes nothing.
+        """
+        penalties = [s.params.repetition_penalty for s in seqs]
+        if all(p == 1.0 for p in penalties):
+            return logits
+        vocab = logits.shape[-1]
+        # Image placeholders may sit outside the vocabulary (an added <image> token): they carry no logit.
+        held = [sorted(t for t in set(s.token_ids) if t < vocab) if p != 1.0 else [] for s, p in zip(seqs, penalties)]
+        width = max(len(row) for row in held)
+        ids = to_device([row + row[:1] * (width - len(row)) if row else [0] * width for row in held],
+                        torch.long, logits.device)  # (B, L)
+        if pending is not None:
+            ids = torch.cat([ids, pending[:, None]], dim=1)
+        # A row with nothing to penalise keeps a factor of 1 (x * 1 and x / 1 are exact), so its padding is inert. A
+        # row with a pending token always holds the output token sampled before it, so it is never such a row.
+        factor = to_device([p if row else 1.0 for p, row in zip(penalties, held)], torch.float32, logits.device)
+        factor = factor[:, None]
+        seen = logits.gather(1, ids)
+        return logits.scatter_(1, ids, torch.where(seen < 0, seen * factor, seen / factor))
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
+                 pending: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) int64 tokens on the logits' device. `pending` (B,): each sequence's token that a step still in
+        flight has sampled and the host has not appended yet; only the repetition penalty reads it."""
         # logits (B, V) float32
-        logits = self._apply_penalty(logits, seqs)
+        logits = self._apply_penalty(logits, seqs, pending)
         greedy = logits.argmax(dim=-1)
         if all(s.params.greedy for s in seqs):
-            return greedy.tolist()
-        temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=logits.device)
+            return greedy
+        dev = logits.device
+        temps = to_device([s.params.temperature or 1.0 for s in seqs], torch.float32, dev)
         logits = logits / temps[:, None]
         logits = self._top_k(logits, seqs)
         logits = self._top_p(logits, seqs)
@@ -56,26 +84,27 @@ class Sampler:
         for i, seq in enumerate(seqs):
             noise[i].exponential_(generator=self._generator(seq))
         sampled = (probs / noise).argmax(dim=-1)
-        is_greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
-        return torch.where(is_greedy, greedy, sampled).tolist()
+        is_greedy = to_device([s.params.greedy for s in seqs], torch.bool, dev)
+        return torch.where(is_greedy, greedy, sampled)
 
     @staticmethod
     def _top_k(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         ks = [s.params.top_k for s in seqs]
         if not any(0 < k < logits.shape[-1] for k in ks):
             return logits
+        dev = logits.device
         k_max = max(min(k, logits.shape[-1]) if k > 0 else 1 for k in ks)
         top = torch.topk(logits, k_max, dim=-1).values  # (B, k_max) descending
-        kth = torch.tensor([min(k, logits.shape[-1]) - 1 if k > 0 else 0 for k in ks], device=logits.device)
+        kth = to_device([min(k, logits.shape[-1]) - 1 if k > 0 else 0 for k in ks], torch.long, dev)
         threshold = top.gather(1, kth.clamp(max=k_max - 1)[:, None])
-        active = torch.tensor([0 < k < logits.shape[-1] for k in ks], device=logits.device)[:, None]
+        active = to_device([0 < k < logits.shape[-1] for k in ks], torch.bool, dev)[:, None]
         return logits.masked_fill(active & (logits < threshold), float("-inf"))
 
     @staticmethod
     def _top_p(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         if all(s.params.top_p >= 1 for s in seqs):
             return logits
-        ps = torch.tensor([s.params.top_p for s in seqs], device=logits.device)
+        ps = to_device([s.params.top_p for s in seqs], torch.float32, logits.device)
         sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         remove = cum <= (1 - ps)[:, None]

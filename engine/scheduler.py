@@ -2,7 +2,9 @@
 
 Pure Python. Admission is by free KV blocks, so a request that cannot fit waits instead of crashing the server;
 when decoding runs out of blocks the newest sequence is preempted (its blocks freed, its tokens kept) and
-recomputed later, which the prefix cache makes cheap.
+recomputed later, which the prefix cache makes cheap. `schedule_ahead` picks the decode step that the engine may
+launch while the previous one is still on the device (overlap), and says no where the tokens of that one are needed
+first: a request to admit, or a preemption to decide.
 """
 from __future__ import annotations
 
@@ -38,6 +40,19 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def limit_reason(self, seq: Sequence, pending: int = 0) -> FinishReason | None:
+        """LENGTH or CONTEXT if the sequence, once `pending` more tokens are appended, has reached a limit."""
+        if seq.num_output_tokens + pending >= seq.params.max_new_tokens:
+            return FinishReason.LENGTH
+        if len(seq) + pending >= self.max_tokens_per_seq:
+            return FinishReason.CONTEXT
+        return None
+
+    def can_admit(self) -> bool:
+        """Whether `schedule` would start a prefill now (the same test it applies to the head of the queue)."""
+        return (bool(self.waiting) and len(self.running) < self.max_num_seqs
+                and self.blocks.can_allocate(self.waiting[0]))
+
     def schedule(self) -> tuple[list[Sequence], bool]:
         """Returns (sequences, is_prefill)."""
         batch, tokens = [], 0
@@ -69,6 +84,26 @@ class Scheduler:
                 self.blocks.append_slot(seq)
                 batch.append(seq)
         return batch, False
+
+    def schedule_ahead(self, in_flight: list[Sequence]) -> list[Sequence]:
+        """The next decode step, chosen while the step `in_flight` is still sampling one token for each of its
+        sequences; [] when it must wait for those tokens and go through `schedule`.
+
+        The batch is every sequence of `in_flight` that surely still runs once its pending token is appended: not
+        finished or aborted, and not reaching max_new_tokens or the context with that token, which is known
+        without its value. One that stops on EOS or a stop string anyway has its extra token discarded. The step
+        writes each pending token's KV at position len(seq), so a slot there is reserved now. It waits instead when
+        a queued request could be admitted (a prefill must not be delayed by more than one step) or when the slots
+        do not fit (`schedule` then preempts as usual).
+        """
+        if self.can_admit():
+            return []
+        batch = [s for s in in_flight if s.status is Status.RUNNING and self.limit_reason(s, pending=1) is None]
+        if sum(self.blocks.needs_block(s, ahead=1) for s in batch) > self.blocks.num_free:
+            return []
+        for seq in batch:
+            self.blocks.append_slot_ahead(seq)
+        return batch
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

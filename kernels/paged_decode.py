@@ -16,7 +16,7 @@ from ._triton import triton, tl
 
 _LOG2E = 1.4426950408889634  # the kernels use exp2, so scores are pre-multiplied by log2(e)
 _BLOCK_N = 64  # keys per inner step
-_MIN_SPLIT_KEYS = 128  # below this a split's fixed cost (q load, partial write, merge) outweighs its work
+_MIN_SPLIT_KEYS = 64  # below this a split's fixed cost (q load, partial write, merge) outweighs its work
 _MAX_SPLITS = 64
 _INTERPRETER_SMS = 4  # CPU tensors only run under TRITON_INTERPRET; any small number works
 
@@ -149,11 +149,11 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens):
 
 
 def _num_splits(batch: int, kv_heads: int, max_keys: int, device: torch.device) -> int:
-    # Enough (sequence, KV head, split) programs to cover the GPU twice, but no more splits than the longest
+    # Enough (sequence, KV head, split) programs to cover the GPU four times, but no more splits than the longest
     # possible row fills at the minimum split size. Shapes only: a CUDA graph replays any seq_lens.
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" \
         else _INTERPRETER_SMS
-    want = triton.cdiv(2 * sms, batch * kv_heads)
+    want = triton.cdiv(4 * sms, batch * kv_heads)
     return max(min(want, _MAX_SPLITS, triton.cdiv(max_keys, _MIN_SPLIT_KEYS)), 1)
 
 

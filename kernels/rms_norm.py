@@ -1,8 +1,8 @@
-"""RMSNorm and the fused residual-add + RMSNorm of a decoder layer.
+"""RMSNorm over rows: the norm in front of a projection when several rows share the weight (prefill, batches).
 
 Numerics follow HF `LlamaRMSNorm`: statistics in fp32, the normalised row rounded back to the input dtype, then
-multiplied by the weight (output dtype = promote(weight, x)). `add_rms_norm` returns the new residual instead of
-writing into its inputs. Not here: LayerNorm (the vision tower uses torch's) or any weight loading.
+multiplied by the weight (output dtype = promote(weight, x)). Not here: the one-row case, which runs fused into the
+projection's GEMV (kernels/gemv.py); LayerNorm (the vision tower uses torch's).
 """
 
 import torch
@@ -18,29 +18,15 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return weight * y.to(x.dtype)
 
 
-def add_rms_norm_torch(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    new_residual = x + residual  # rounded to x.dtype, as HF's `hidden_states = residual + hidden_states`
-    return rms_norm_torch(new_residual, weight, eps), new_residual
-
-
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr,
-    stride_x, stride_res, stride_y, stride_res_out,
-    H, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr,
+    x_ptr, w_ptr, y_ptr, stride_x, stride_y, H, eps,
+    BLOCK_H: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)  # (BLOCK_H,) in x.dtype
-    if HAS_RESIDUAL:
-        # Add in fp32 and round to x.dtype before the norm sees it: what torch's (b)f16 add does.
-        res = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + res.to(tl.float32)).to(x.dtype)
-        tl.store(res_out_ptr + row * stride_res_out + cols, x, mask=mask)
     xf = x.to(tl.float32)
     mean_sq = tl.sum(xf * xf, axis=0) / H  # padded columns are 0 and do not count
     y = (xf * tl.rsqrt(mean_sq + eps)).to(x.dtype)  # HF rounds to x.dtype before the weight multiply
@@ -56,14 +42,12 @@ def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])  # (T, H); a view whenever the leading dims allow one
 
 
-def _launch(x, residual, weight, eps):
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     H = x.shape[-1]
     if weight.shape != (H,):
         raise ValueError(f"weight must be ({H},), got {tuple(weight.shape)}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}")
-    if any(t.device != x.device for t in (weight, residual) if t is not None):
-        raise ValueError("x, residual and weight must be on one device")
+    if weight.device != x.device:
+        raise ValueError("x and weight must be on one device")
     BLOCK_H = triton.next_power_of_2(H)
     if BLOCK_H > _MAX_BLOCK_H:
         raise ValueError(f"hidden size {H} exceeds the single-pass limit {_MAX_BLOCK_H}")
@@ -71,29 +55,10 @@ def _launch(x, residual, weight, eps):
     x2 = _rows(x, "x")
     y = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     y2 = y.view(-1, H)
-    if residual is None:
-        res2 = res_out2 = x2  # unused: HAS_RESIDUAL=False compiles the residual path away
-        res_out = None
-    else:
-        res2 = _rows(residual, "residual")
-        res_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        res_out2 = res_out.view(-1, H)
     if x2.shape[0] > 0:
         _rms_norm_kernel[(x2.shape[0],)](
-            x2, res2, weight, y2, res_out2,
-            x2.stride(0), res2.stride(0), y2.stride(0), res_out2.stride(0),
-            H, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK_H=BLOCK_H,
+            x2, weight, y2, x2.stride(0), y2.stride(0), H, eps,
+            BLOCK_H=BLOCK_H,
             num_warps=min(max(BLOCK_H // 256, 1), 16),  # ~8 elements per thread per row
         )
-    return y, res_out
-
-
-def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _launch(x, None, weight, eps)[0]
-
-
-def add_rms_norm_triton(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch(x, residual, weight, eps)
+    return y

@@ -1,15 +1,13 @@
 """Incremental detokenization (Chinese, emoji, stop strings), seeded sampling, and the serving loop."""
 import pytest
-import torch
 
-from engine.checkpoint import Checkpoint
-from engine.config import EngineConfig, TextConfig
+from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.serving import EngineServer
 from engine.sequence import FinishReason
-from tests.tiny_checkpoints import build_tokenizer
+from tests.tiny_checkpoints import build_tokenizer, make_tiny_lm
 
 TEXTS = ["你好，世界。这是一只猫。", "Emoji: 🐱🐶🎉 and café", "The cat 🐱 sits on the mat 你好"]
 
@@ -52,18 +50,7 @@ def test_partial_stop_prefix_is_released_when_it_is_not_a_stop(tokenizer):
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = build_tokenizer(chatml=False)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-lm")
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    ck = Checkpoint.load(folder)
-    return TextConfig.from_dict(ck.config), ck.parts["text"], tok
+    return make_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
 
 
 def make_engine(tiny_lm, **kw):

@@ -53,6 +53,24 @@ def build_tokenizer(chatml: bool):
                                    eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
 
 
+def make_tiny_lm(folder: Path):
+    """A 2-layer Llama with the byte-level test tokenizer, saved and loaded back: (TextConfig, weights, tokenizer)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.checkpoint import Checkpoint
+    from engine.config import TextConfig
+
+    tok = build_tokenizer(chatml=False)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    ck = Checkpoint.load(folder)
+    return TextConfig.from_dict(ck.config), ck.parts["text"], tok
+
+
 def make_tiny_llava(folder: Path, family: str, seed: int = 0) -> Path:
     """family: "llama-clip" or "qwen2-siglip". Returns the checkpoint folder."""
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,

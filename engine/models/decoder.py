@@ -9,7 +9,6 @@ sequence starts.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionMetadata, PagedAttention
@@ -27,20 +26,18 @@ LOWP_MAX_ROWS = 8  # calls with at most this many rows (decode steps) use the lo
 
 
 class Linear(nn.Linear):
-    """nn.Linear that can also keep a low-precision copy of its weight for calls with few rows.
+    """nn.Linear's parameters, plus an optional low-precision copy of the weight for calls with few rows.
 
     On CPUs without bf16 matrix units, a bf16 matrix-vector product streams half the bytes and runs ~2.7x faster
     than fp32, while a bf16 matrix-matrix product (prefill) runs ~6x slower. So decode steps read the bf16 copy and
-    prefill the fp32 weight; activations, norms, attention and the KV cache stay fp32 throughout.
+    prefill the fp32 weight; activations, norms, attention and the KV cache stay fp32 throughout. The layer's ops
+    (kernels/gemv.py) take the weight this picks, fused with the norm, activation or residual add around them.
     """
 
     lowp: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lowp is None or x.shape[0] > LOWP_MAX_ROWS:
-            return super().forward(x)
-        out = F.linear(x.to(self.lowp.dtype), self.lowp).to(x.dtype)
-        return out if self.bias is None else out + self.bias
+    def weight_for(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight if self.lowp is None or x.shape[0] > LOWP_MAX_ROWS else self.lowp
 
 
 def add_lowp_copies(model: nn.Module, dtype: torch.dtype) -> None:
@@ -50,15 +47,12 @@ def add_lowp_copies(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, ops: KernelOps, size: int, eps: float):
-        super().__init__()
-        self.ops, self.eps = ops, eps
-        self.weight = nn.Parameter(torch.ones(size))
+    """The norm's weight and epsilon; the norm itself runs fused into the projection it feeds (`ops.norm_linear`)."""
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if residual is None:
-            return self.ops.rms_norm(x, self.weight, self.eps)
-        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
 
 
 class Attention(nn.Module):
@@ -69,19 +63,19 @@ class Attention(nn.Module):
         self.kv_size = cfg.num_key_value_heads * cfg.head_dim
         self.head_dim = cfg.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.qkv_shards = (self.q_size, self.kv_size, self.kv_size)
+        self.qkv_shards = (self.q_size, self.kv_size, self.kv_size)  # the split below; also read by the loader
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.attn = PagedAttention(ops, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
 
-    def forward(self, x, positions, cos_sin, md: AttentionMetadata):
-        qkv = self.qkv_proj(x)  # (T, q + 2kv)
+    def forward(self, h, norm: RMSNorm, positions, cos_sin, md: AttentionMetadata):
+        """h + o_proj(attention(norm(h))); h (T, hidden) is the residual stream."""
+        qkv = self.ops.norm_linear(h, norm.weight, norm.eps, self.qkv_proj.weight_for(h), self.qkv_proj.bias)
         q, k, v = qkv.split(self.qkv_shards, dim=-1)
         q = q.view(-1, self.q_size // self.head_dim, self.head_dim)  # (T, Hq, D)
         k = k.view(-1, self.kv_size // self.head_dim, self.head_dim)  # (T, Hk, D)
         v = v.view(-1, self.kv_size // self.head_dim, self.head_dim)
-        self.ops.rotary(q, k, positions, cos_sin)
-        out = self.attn(q, k, v, md)  # (T, Hq, D)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        out = self.attn(q, k, v, positions, cos_sin, md).reshape(-1, self.q_size)  # (T, Hq * D)
+        return self.ops.linear_add(out, self.o_proj.weight_for(out), self.o_proj.bias, h)
 
 
 class MLP(nn.Module):
@@ -89,11 +83,13 @@ class MLP(nn.Module):
         super().__init__()
         self.ops = ops
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.gate_up_shards = (cfg.intermediate_size, cfg.intermediate_size)
+        self.gate_up_shards = (cfg.intermediate_size, cfg.intermediate_size)  # read by the loader
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, h, norm: RMSNorm):
+        """h + down_proj(silu(gate) * up), gate | up = gate_up_proj(norm(h))."""
+        gate_up = self.ops.norm_linear(h, norm.weight, norm.eps, self.gate_up_proj.weight_for(h), None)
+        return self.ops.act_linear_add(gate_up, self.down_proj.weight_for(h), h)
 
 
 class DecoderLayer(nn.Module):
@@ -101,17 +97,12 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(ops, cfg)
         self.mlp = MLP(ops, cfg)
-        self.input_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, residual, positions, cos_sin, md):
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, positions, cos_sin, md)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+    def forward(self, h, positions, cos_sin, md):
+        h = self.self_attn(h, self.input_layernorm, positions, cos_sin, md)
+        return self.mlp(h, self.post_attention_layernorm)
 
 
 class DecoderModel(nn.Module):
@@ -119,22 +110,22 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(ops, cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, embeds, positions, cos_sin, md):
-        x, residual = embeds, None  # (T, hidden)
+        """The residual stream after the last layer, (T, hidden); the final norm runs fused into the LM head."""
+        h = embeds
         for layer in self.layers:
-            x, residual = layer(x, residual, positions, cos_sin, md)
-        x, _ = self.norm(x, residual)
-        return x
+            h = layer(h, positions, cos_sin, md)
+        return h
 
 
 class CausalLM(nn.Module):
-    """Decoder + LM head. `forward` returns final hidden states; `logits` projects only the rows asked for."""
+    """Decoder + LM head. `forward` returns the residual stream; `logits` norms and projects only the rows asked for."""
 
     def __init__(self, ops: KernelOps, cfg: TextConfig):
         super().__init__()
-        self.config = cfg
+        self.config, self.ops = cfg, ops
         self.model = DecoderModel(ops, cfg)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -147,4 +138,6 @@ class CausalLM(nn.Module):
         return self.model(embeds, positions, cos_sin, md)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """Logits of the rows asked for, from `forward`'s un-normed hidden states."""
+        norm = self.model.norm
+        return self.ops.norm_linear(hidden, norm.weight, norm.eps, self.lm_head.weight_for(hidden), None).float()
