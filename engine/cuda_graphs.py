@@ -66,12 +66,12 @@ class DecodeGraphs:
         n, ahead = len(seqs), pending is not None
         bs = next(b for b in self.buckets if b >= n)
         turn, self.turn = self.turn, self.turn ^ 1
-        slot, host, tables = self.runner.blocks.slot, self.host_np[turn], self.host_tables_np[turn]
-        positions = [len(s) - 1 + ahead for s in seqs]
+        host, tables = self.host_np[turn], self.host_tables_np[turn]
+        positions, slots = self.runner.decode_rows(seqs, ahead)
         if not ahead:
             host[0, :n] = [s.last_token for s in seqs]
         host[1, :n] = positions
-        host[2, :n] = [slot(s, p) for s, p in zip(seqs, positions)]
+        host[2, :n] = slots
         host[3, :n] = [p + 1 for p in positions]
         host[:, n:bs] = 0
         host[2, n:bs] = -1  # padding rows write nowhere and attend to nothing

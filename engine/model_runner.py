@@ -111,12 +111,17 @@ class ModelRunner:
         embeds[rows_t] = torch.cat(feats).to(device=self.device, dtype=embeds.dtype)
         return embeds
 
-    def prepare_decode(self, seqs: list[Sequence], pending: torch.Tensor | None = None):
-        """Decode inputs: each sequence's last token at position len(seq) - 1, or with `pending` ((B,) device ids
-        that a step in flight sampled and the host has not appended yet) those ids at position len(seq)."""
-        ahead = pending is not None
+    def decode_rows(self, seqs: list[Sequence], ahead: bool) -> tuple[list[int], list[int]]:
+        """Positions and KV slots of a decode step's input tokens: each sequence's last token (position len - 1),
+        or with `ahead` the token a step in flight is still sampling (position len). Keys attended: position + 1."""
         positions = [len(s) - 1 + ahead for s in seqs]
-        slots = [self.blocks.slot(s, p) for s, p in zip(seqs, positions)]
+        return positions, [self.blocks.slot(s, p) for s, p in zip(seqs, positions)]
+
+    def prepare_decode(self, seqs: list[Sequence], pending: torch.Tensor | None = None):
+        """Decode inputs: each sequence's last token, or with `pending` ((B,) device ids that a step in flight
+        sampled and the host has not appended yet) those ids (`decode_rows`)."""
+        ahead = pending is not None
+        positions, slots = self.decode_rows(seqs, ahead)
         md = AttentionMetadata(is_prefill=False, slot_mapping=self._tensor(slots, torch.int64),
                                block_tables=self._block_tables(seqs),
                                seq_lens=self._tensor([p + 1 for p in positions], torch.int32))

@@ -1,4 +1,5 @@
-"""rotary_torch (in place): the twin vs float64 and vs HF. The Triton path runs inside rope_store_kv (test_kernels_kv_store)."""
+"""rotary_torch (in place): the twin vs float64 and vs HF. Its Triton path runs inside rope_store_kv
+(tests/test_kernels_kv_store.py)."""
 
 import pytest
 import torch

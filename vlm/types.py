@@ -1,7 +1,8 @@
 """The values that cross the line between the chat UI and the model: turns, settings, stream events.
 
 Plain dataclasses with no torch in them (the one import, engine.sampling_params, is plain Python too), so that
-`app.py` and the tests can build and read them without loading a model. `vlm.chat_model.ChatModel` consumes turns and settings and yields the events.
+`app.py` and the tests can build and read them without loading a model. `vlm.chat_model.ChatModel` consumes turns
+and settings and yields the events.
 """
 from __future__ import annotations
 
