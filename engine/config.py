@@ -117,6 +117,10 @@ class EngineConfig:
     decode_weight_dtype: str | None = None
     cuda_graphs: bool = True  # decode under CUDA graphs on CUDA devices
     cuda_graph_batch_sizes: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 24, 32, 48, 64))
+    # Prefill under CUDA graphs too, for batches of up to this many new tokens (in 16-token buckets; 0: never) and
+    # sequences. One image and a question is 600-800 tokens; larger prefills are GPU-bound enough to run eagerly.
+    cuda_graph_prefill_tokens: int = 1024
+    cuda_graph_prefill_seqs: int = 4
     # Launch decode step N+1 before the host handles step N's tokens (engine/llm_engine.py), so the GPU does not
     # idle during sampling bookkeeping, detokenizing and scheduling. Same outputs; on a CPU it gains nothing.
     overlap_decode: bool = True
@@ -132,3 +136,5 @@ class EngineConfig:
             raise ValueError("kv_cache_fraction must be in (0, 1]")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.cuda_graph_prefill_tokens < 0 or self.cuda_graph_prefill_seqs < 1:
+            raise ValueError("cuda_graph_prefill_tokens must be >= 0 and cuda_graph_prefill_seqs >= 1")

@@ -1,4 +1,5 @@
-"""Decode under CUDA graphs: one graph per batch-size bucket, captured once, replayed every step.
+"""Decode and prefill under CUDA graphs: one graph per batch-size (decode) or token-count (prefill) bucket, captured
+once, replayed every step.
 
 A decode step is hundreds of small kernel launches; replaying a captured graph removes the launch overhead that
 dominates batch-1 decode. Inputs live in static buffers that each replay reads: token ids, positions, KV slots, block
@@ -6,6 +7,12 @@ tables and sequence lengths. A batch runs in the smallest bucket that holds it; 
 KV write) and length 0 (no attention), so they cost almost nothing and touch nothing. Nothing inside the graph
 synchronises with the host. The input ids may come from the device (the tokens of a step still in flight, when the
 engine launches ahead); then they never visit the host.
+
+Prefill is no different in kind: a 7B prefill of one image and a question is ~300 launches, and from Python they
+take longer (~22 ms on an H100's host) than the GPU needs to run them (~15 ms). Prefill graphs are captured per
+token-count bucket (every `PREFILL_STEP` tokens up to a cap) for up to a few sequences; a batch pads its tokens to
+the bucket (padding rows: slot -1, in no sequence) and its sequences to the graph's count (no tokens, no keys).
+All graphs share one memory pool: they never run at once, and each replay's output is read before the next one.
 """
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ from engine.sequence import Sequence
 
 
 class DecodeGraphs:
-    def __init__(self, runner, batch_sizes: tuple[int, ...], max_blocks: int):
+    def __init__(self, runner, batch_sizes: tuple[int, ...], max_blocks: int, pool=None):
         self.runner = runner
         self.buckets = sorted(b for b in batch_sizes if b <= runner.cfg.max_num_seqs) or [1]
         n, dev = self.buckets[-1], runner.device
@@ -35,7 +42,7 @@ class DecodeGraphs:
         self.turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
-        self._capture()
+        self._capture(pool)
 
     def _forward(self, bs: int) -> torch.Tensor:
         model, r = self.runner.model, self.runner
@@ -45,8 +52,7 @@ class DecodeGraphs:
         return model.logits(hidden)
 
     @torch.inference_mode()
-    def _capture(self) -> None:
-        pool = None
+    def _capture(self, pool) -> None:
         for bs in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory pool
             self._forward(bs)  # warm-up: compiles the Triton kernels outside the capture
             torch.cuda.synchronize()
@@ -90,3 +96,93 @@ class DecodeGraphs:
         self.block_tables[:n, :width].copy_(staged_tables[:n, :width], non_blocking=True)
         self.graphs[bs].replay()
         return self.logits[bs][:n]
+
+
+PREFILL_STEP = 16  # prefill token buckets: every 16 tokens, so a batch pads by less than 16 rows
+
+
+def prefill_buckets(max_tokens: int) -> list[int]:
+    return list(range(PREFILL_STEP, max_tokens + 1, PREFILL_STEP))
+
+
+class PrefillGraphs:
+    """Prefill batches of at most `max_seqs` sequences and `buckets[-1]` new tokens, replayed from CUDA graphs.
+
+    Static inputs: the (T, hidden) input embeddings (token embeddings with image features spliced in, built eagerly:
+    the splice is host-driven) and the attention metadata. A graph's output is the hidden state of each sequence's
+    last row, written into one buffer that every graph shares; the LM head runs after the replay on the real rows
+    only, so padding sequences cost no vocabulary-wide matmul.
+    """
+
+    def __init__(self, runner, buckets: list[int], max_seqs: int, max_blocks: int, pool=None):
+        self.runner = runner
+        self.buckets, self.max_seqs, self.max_blocks = sorted(buckets), max_seqs, max_blocks
+        t, b, dev = self.buckets[-1], max_seqs, runner.device
+        self.embeds = torch.zeros(t, runner.model.config.hidden_size, dtype=runner.dtype, device=dev)
+        self.out = torch.zeros(b, runner.model.config.hidden_size, dtype=runner.dtype, device=dev)
+        # All integer inputs in two buffers, each filled on the host and sent in one copy:
+        # int64: positions [0, t), KV slots [t, 2t), each sequence's last row [2t, 2t + b);
+        # int32: cu_seqlens_q [0, b], seq_lens [b + 1, 2b + 1), then the (b, max_blocks) block tables.
+        self.host64 = torch.zeros(2 * t + b, dtype=torch.int64).pin_memory()
+        self.host32 = torch.zeros(2 * b + 1 + b * max_blocks, dtype=torch.int32).pin_memory()
+        self.np64, self.np32 = self.host64.numpy(), self.host32.numpy()
+        self.np64[t:2 * t] = -1  # the warm-up and capture runs below write no KV and attend to nothing
+        self.dev64, self.dev32 = self.host64.to(dev), self.host32.to(dev)
+        self.positions, self.slots, self.last = self.dev64[:t], self.dev64[t:2 * t], self.dev64[2 * t:]
+        self.cu_seqlens, self.seq_lens = self.dev32[:b + 1], self.dev32[b + 1:2 * b + 1]
+        self.block_tables = self.dev32[2 * b + 1:].view(b, max_blocks)
+        self.staged = torch.cuda.Event()  # the host buffers are free again once the copies out of them have run
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._capture(pool)
+
+    def _forward(self, tokens: int) -> None:
+        model, r = self.runner.model, self.runner
+        md = AttentionMetadata(is_prefill=True, slot_mapping=self.slots[:tokens], block_tables=self.block_tables,
+                               seq_lens=self.seq_lens, cu_seqlens_q=self.cu_seqlens, max_seqlen_q=tokens)
+        hidden = model(self.embeds[:tokens], self.positions[:tokens], r.cos_sin, md)
+        torch.index_select(hidden, 0, self.last, out=self.out)
+
+    @torch.inference_mode()
+    def _capture(self, pool) -> None:
+        for tokens in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory
+            self._forward(tokens)  # warm-up: compiles the Triton kernels, picks the cuBLAS kernels
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._forward(tokens)
+            pool = graph.pool()
+            self.graphs[tokens] = graph
+        torch.cuda.synchronize()
+        self.pool = pool
+
+    def fits(self, num_seqs: int, num_tokens: int) -> bool:
+        return num_seqs <= self.max_seqs and num_tokens <= self.buckets[-1]
+
+    def run(self, seqs: list[Sequence], rows) -> torch.Tensor:
+        """Hidden states (len(seqs), hidden) of each sequence's last row, un-normed (the LM head's input).
+        `rows`: the batch's `PrefillRows`."""
+        n, T = len(seqs), len(rows.ids)
+        t, b = self.buckets[-1], self.max_seqs
+        tokens = next(k for k in self.buckets if k >= T)
+        self.staged.synchronize()  # at once unless a prefill was launched and never resolved
+        h64, h32 = self.np64, self.np32
+        h64[:T] = rows.positions
+        h64[T:t] = 0
+        h64[t:t + T] = rows.slots
+        h64[t + T:2 * t] = -1  # padding rows write no KV
+        h64[2 * t:2 * t + n] = rows.cu_seqlens[1:]
+        h64[2 * t:2 * t + n] -= 1
+        h64[2 * t + n:] = 0
+        h32[:n + 1] = rows.cu_seqlens
+        h32[n + 1:b + 1] = T  # padding sequences: no tokens...
+        h32[b + 1:b + 1 + n] = rows.seq_lens
+        h32[b + 1 + n:2 * b + 1] = 0  # ...and no keys
+        tables = h32[2 * b + 1:].reshape(b, self.max_blocks)
+        for i, s in enumerate(seqs):  # entries past a sequence's length are never read
+            tables[i, :len(s.block_table)] = s.block_table
+        self.dev64.copy_(self.host64, non_blocking=True)
+        self.dev32.copy_(self.host32, non_blocking=True)
+        self.staged.record()
+        self.embeds[:T].copy_(self.runner.prefill_embeds(rows))
+        self.graphs[tokens].replay()
+        return self.out[:n]

@@ -1,8 +1,9 @@
 """Runs the language model for one scheduled step: builds the packed inputs, runs prefill or decode, samples.
 
 Split by phase: `prepare_prefill` / `prepare_decode` turn sequences into tensors (token ids, positions, slots,
-block tables, image embeddings to splice), `launch` queues the step, the sampler picks tokens. Decode on CUDA
-replays a CUDA graph captured for the smallest batch-size bucket that holds the batch (engine/cuda_graphs.py).
+block tables, image embeddings to splice), `launch` queues the step, the sampler picks tokens. On CUDA, decode
+replays a CUDA graph captured for the smallest batch-size bucket that holds the batch, and prefill one captured
+for the smallest token-count bucket (engine/cuda_graphs.py); batches too large for any run eagerly.
 
 `launch` never waits for the device: it returns a `LaunchedStep` whose tokens stay on the device, with a copy on its
 way to pinned host memory. A decode step can take its input ids from a step still in flight (`after`), so the
@@ -22,6 +23,20 @@ from engine.models.decoder import CausalLM
 from engine.rope import cos_sin_cache
 from engine.sampler import Sampler, to_device
 from engine.sequence import Sequence
+
+
+@dataclass
+class PrefillRows:
+    """A prefill batch on the host, tokens packed: `cu_seqlens` (B+1) bound each sequence's rows; `seq_lens` count
+    its keys after the step (cached ones included); `splices` say where image features replace placeholder rows:
+    (row, image span, first feature row, count)."""
+
+    ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    cu_seqlens: list[int]
+    seq_lens: list[int]
+    splices: list[tuple]
 
 
 @dataclass
@@ -60,11 +75,19 @@ class ModelRunner:
             self._outboxes = [(torch.empty(cfg.max_num_seqs, dtype=torch.int64).pin_memory(), torch.cuda.Event())
                               for _ in range(2)]
             self._turn = 0
-        self.graphs = None
+        self.graphs = self.prefill_graphs = None
         if device.type == "cuda" and cuda_graphs:
-            from engine.cuda_graphs import DecodeGraphs  # imported where used: CPU-only installs never need it
+            # imported where used: CPU-only installs never need it
+            from engine.cuda_graphs import DecodeGraphs, PrefillGraphs, prefill_buckets
 
-            self.graphs = DecodeGraphs(self, cfg.cuda_graph_batch_sizes, self.max_blocks_per_seq)
+            pool = None
+            seqs = min(cfg.cuda_graph_prefill_seqs, cfg.max_num_seqs)
+            buckets = prefill_buckets(min(cfg.cuda_graph_prefill_tokens, cfg.max_num_batched_tokens,
+                                          seqs * max_model_len))
+            if buckets:  # captured first: the largest graphs, whose pool the decode graphs then reuse
+                self.prefill_graphs = PrefillGraphs(self, buckets, seqs, self.max_blocks_per_seq)
+                pool = self.prefill_graphs.pool
+            self.graphs = DecodeGraphs(self, cfg.cuda_graph_batch_sizes, self.max_blocks_per_seq, pool)
 
     def _tensor(self, values, dtype) -> torch.Tensor:
         return to_device(values, dtype, self.device)
@@ -73,43 +96,44 @@ class ModelRunner:
         width = max(len(s.block_table) for s in seqs)
         return self._tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], torch.int32)
 
-    def prepare_prefill(self, seqs: list[Sequence]):
-        ids, positions, slots, cu, lens = [], [], [], [0], []
-        splices = []  # (row in the packed batch, image span, first feature row, count)
+    def prefill_rows(self, seqs: list[Sequence]) -> PrefillRows:
+        """The host side of a prefill batch: every sequence's uncached tokens packed one after another."""
+        rows = PrefillRows([], [], [], [0], [], [])
         for seq in seqs:
             start = seq.num_cached_tokens
-            base = len(ids)
-            ids.extend(seq.token_ids[start:])
-            positions.extend(range(start, len(seq)))
-            slots.extend(self.blocks.slot(seq, p) for p in range(start, len(seq)))
-            cu.append(len(ids))
-            lens.append(len(seq))
+            base = len(rows.ids)
+            rows.ids.extend(seq.token_ids[start:])
+            rows.positions.extend(range(start, len(seq)))
+            rows.slots.extend(self.blocks.slot(seq, p) for p in range(start, len(seq)))
+            rows.cu_seqlens.append(len(rows.ids))
+            rows.seq_lens.append(len(seq))
             for span in seq.images:
                 lo, hi = max(span.offset, start), min(span.offset + span.length, len(seq))
                 if lo < hi:
-                    splices.append((base + lo - start, span, lo - span.offset, hi - lo))
-        md = AttentionMetadata(
-            is_prefill=True, slot_mapping=self._tensor(slots, torch.int64),
-            block_tables=self._block_tables(seqs), seq_lens=self._tensor(lens, torch.int32),
-            cu_seqlens_q=self._tensor(cu, torch.int32), max_seqlen_q=max(b - a for a, b in zip(cu, cu[1:])))
-        ids_t = self._tensor(ids, torch.int64)
-        embeds = self._embed_with_images(ids_t, splices)
-        return embeds, self._tensor(positions, torch.int64), md
+                    rows.splices.append((base + lo - start, span, lo - span.offset, hi - lo))
+        return rows
 
-    def _embed_with_images(self, ids: torch.Tensor, splices) -> torch.Tensor:
-        if not splices:
-            return self.model.embed(ids)
-        rows, feats = [], []
-        for row, span, first, count in splices:
-            rows.append(torch.arange(row, row + count))
-            feats.append(span.embeds[first:first + count])
-        rows_t = torch.cat(rows).to(self.device)
-        # Placeholder ids may lie outside the vocabulary (an added <image> token): embed a valid id there first.
-        safe = ids.clone()
-        safe[rows_t] = 0
-        embeds = self.model.embed(safe)  # (T, hidden)
-        embeds[rows_t] = torch.cat(feats).to(device=self.device, dtype=embeds.dtype)
+    def prefill_embeds(self, rows: PrefillRows) -> torch.Tensor:
+        """(T, hidden) input embeddings: token embeddings with the image features spliced in."""
+        if not rows.splices:
+            return self.model.embed(self._tensor(rows.ids, torch.int64))
+        image_rows = [r for row, _, _, count in rows.splices for r in range(row, row + count)]
+        ids = list(rows.ids)
+        for r in image_rows:  # placeholder ids may lie outside the vocabulary (an added <image> token)
+            ids[r] = 0
+        embeds = self.model.embed(self._tensor(ids, torch.int64))
+        feats = torch.cat([span.embeds[first:first + count] for _, span, first, count in rows.splices])
+        embeds[self._tensor(image_rows, torch.int64)] = feats.to(device=self.device, dtype=embeds.dtype)
         return embeds
+
+    def prepare_prefill(self, seqs: list[Sequence], rows: PrefillRows | None = None):
+        rows = rows or self.prefill_rows(seqs)
+        cu = rows.cu_seqlens
+        md = AttentionMetadata(
+            is_prefill=True, slot_mapping=self._tensor(rows.slots, torch.int64),
+            block_tables=self._block_tables(seqs), seq_lens=self._tensor(rows.seq_lens, torch.int32),
+            cu_seqlens_q=self._tensor(cu, torch.int32), max_seqlen_q=max(b - a for a, b in zip(cu, cu[1:])))
+        return self.prefill_embeds(rows), self._tensor(rows.positions, torch.int64), md
 
     def decode_rows(self, seqs: list[Sequence], ahead: bool) -> tuple[list[int], list[int]]:
         """Positions and KV slots of a decode step's input tokens: each sequence's last token (position len - 1),
@@ -147,7 +171,10 @@ class ModelRunner:
         if is_prefill and self._one_new_token(seqs):
             is_prefill = False
         if is_prefill:
-            embeds, positions, md = self.prepare_prefill(seqs)
+            rows = self.prefill_rows(seqs)
+            if self.prefill_graphs is not None and self.prefill_graphs.fits(len(seqs), len(rows.ids)):
+                return self.model.logits(self.prefill_graphs.run(seqs, rows))
+            embeds, positions, md = self.prepare_prefill(seqs, rows)
             hidden = self.model(embeds, positions, self.cos_sin, md)
             last = md.cu_seqlens_q[1:].long() - 1
             return self.model.logits(hidden[last])

@@ -3,13 +3,15 @@
 The proof that the engine is right: the same prompt ids as LlavaProcessor, prefill logits within 1e-4, the same
 48 greedy tokens, and prefill + cached decode equal to one full forward.
 """
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
 
 from engine.sampling_params import SamplingParams
 from tests.tiny_checkpoints import make_tiny_llava, random_png
-from tests.triton_setup import needs_triton
+from tests.triton_setup import DEVICE, needs_triton
 from vlm import ChatImage, ChatModel, ChatTurn
 from vlm.loading import load_bundle
 
@@ -125,10 +127,14 @@ def test_cached_decode_equals_full_forward(checkpoint, image_bytes, monkeypatch)
 
 @needs_triton
 def test_triton_kernels_through_the_engine_match_hf(checkpoint, image_bytes):
-    """The Triton path end to end (fused one-row GEMVs in decode, rope + KV store, paged attention), run by
-    TRITON_INTERPRET on CPU in fp32: the same 4 greedy tokens as HF `generate`."""
-    bundle = load_bundle(str(checkpoint), "cpu", decode_weight_dtype=None, use_triton=True)
-    ids, spans = our_plan(ChatModel(bundle), image_bytes).prepared
+    """The Triton path end to end (fused one-row GEMVs in decode, rope + KV store, paged attention) in fp32, run
+    by TRITON_INTERPRET on CPU, or compiled on the GPU where there is one (with the prefill and decode CUDA
+    graphs): the same 4 greedy tokens as HF `generate` on the CPU."""
+    # The prompt and image features from the CPU path, as HF computes them: GPU resizing differs by up to 2/255.
+    ids, spans = our_plan(ChatModel(load_bundle(str(checkpoint), "cpu", decode_weight_dtype=None)),
+                          image_bytes).prepared
+    spans = tuple(dataclasses.replace(s, embeds=s.embeds.to(DEVICE)) for s in spans)
+    bundle = load_bundle(str(checkpoint), DEVICE, "float32", decode_weight_dtype=None, use_triton=True)
     ours = bundle.engine.generate([ids], SamplingParams(max_new_tokens=4, ignore_eos=True), [spans])[0]
     inputs = hf_inputs(checkpoint, image_bytes)
     with torch.no_grad():
