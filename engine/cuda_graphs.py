@@ -16,10 +16,30 @@ All graphs share one memory pool: they never run at once, and each replay's outp
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 
 from engine.attention import AttentionMetadata
 from engine.sequence import Sequence
+
+
+@torch.inference_mode()
+def capture(sizes: list[int], forward: Callable[[int], Any], pool=None):
+    """One graph of `forward(size)` per size, all in one memory pool: ({size: graph}, {size: forward's output,
+    a static tensor each replay rewrites}, the pool). Largest first, so the smaller graphs reuse its memory. Each
+    size runs once eagerly before its capture: that compiles the Triton kernels and picks the cuBLAS kernels."""
+    graphs, outputs = {}, {}
+    for size in sorted(sizes, reverse=True):
+        forward(size)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs[size] = forward(size)
+        pool = graph.pool()
+        graphs[size] = graph
+    torch.cuda.synchronize()
+    return graphs, outputs, pool
 
 
 class DecodeGraphs:
@@ -40,9 +60,7 @@ class DecodeGraphs:
         self.host_tables = torch.zeros(2, n, max_blocks, dtype=torch.int32).pin_memory()
         self.host_np, self.host_tables_np = self.host.numpy(), self.host_tables.numpy()
         self.turn = 0
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
-        self._capture(pool)
+        self.graphs, self.logits, self.pool = capture(self.buckets, self._forward, pool)
 
     def _forward(self, bs: int) -> torch.Tensor:
         model, r = self.runner.model, self.runner
@@ -50,18 +68,6 @@ class DecodeGraphs:
                                seq_lens=self.seq_lens[:bs])
         hidden = model(model.embed(self.ids[:bs]), self.positions[:bs], r.cos_sin, md)
         return model.logits(hidden)
-
-    @torch.inference_mode()
-    def _capture(self, pool) -> None:
-        for bs in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory pool
-            self._forward(bs)  # warm-up: compiles the Triton kernels outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[bs] = self._forward(bs)
-            pool = graph.pool()
-            self.graphs[bs] = graph
-        torch.cuda.synchronize()
 
     def fits(self, n: int) -> bool:
         return n <= self.buckets[-1]
@@ -132,28 +138,14 @@ class PrefillGraphs:
         self.cu_seqlens, self.seq_lens = self.dev32[:b + 1], self.dev32[b + 1:2 * b + 1]
         self.block_tables = self.dev32[2 * b + 1:].view(b, max_blocks)
         self.staged = torch.cuda.Event()  # the host buffers are free again once the copies out of them have run
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._capture(pool)
+        self.graphs, _, self.pool = capture(self.buckets, self._forward, pool)
 
-    def _forward(self, tokens: int) -> None:
+    def _forward(self, tokens: int) -> None:  # output: self.out, shared by all the graphs
         model, r = self.runner.model, self.runner
         md = AttentionMetadata(is_prefill=True, slot_mapping=self.slots[:tokens], block_tables=self.block_tables,
                                seq_lens=self.seq_lens, cu_seqlens_q=self.cu_seqlens, max_seqlen_q=tokens)
         hidden = model(self.embeds[:tokens], self.positions[:tokens], r.cos_sin, md)
         torch.index_select(hidden, 0, self.last, out=self.out)
-
-    @torch.inference_mode()
-    def _capture(self, pool) -> None:
-        for tokens in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory
-            self._forward(tokens)  # warm-up: compiles the Triton kernels, picks the cuBLAS kernels
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._forward(tokens)
-            pool = graph.pool()
-            self.graphs[tokens] = graph
-        torch.cuda.synchronize()
-        self.pool = pool
 
     def fits(self, num_seqs: int, num_tokens: int) -> bool:
         return num_seqs <= self.max_seqs and num_tokens <= self.buckets[-1]
@@ -170,8 +162,7 @@ class PrefillGraphs:
         h64[T:t] = 0
         h64[t:t + T] = rows.slots
         h64[t + T:2 * t] = -1  # padding rows write no KV
-        h64[2 * t:2 * t + n] = rows.cu_seqlens[1:]
-        h64[2 * t:2 * t + n] -= 1
+        h64[2 * t:2 * t + n] = [c - 1 for c in rows.cu_seqlens[1:]]  # each sequence's last row
         h64[2 * t + n:] = 0
         h32[:n + 1] = rows.cu_seqlens
         h32[n + 1:b + 1] = T  # padding sequences: no tokens...

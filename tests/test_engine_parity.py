@@ -99,13 +99,14 @@ def test_greedy_48_tokens_match(checkpoint, image_bytes):
 
 
 class RecordingSampler:
-    """Wraps the engine's sampler and keeps the logits of each step."""
+    """Wraps the engine's sampler and keeps the logits of each step: the first row (one-sequence tests), or with
+    `all_rows` every row, as float32 on the CPU."""
 
-    def __init__(self, inner):
-        self.inner, self.seen = inner, []
+    def __init__(self, inner, all_rows: bool = False):
+        self.inner, self.seen, self.all_rows = inner, [], all_rows
 
     def __call__(self, logits, seqs, pending=None):
-        self.seen.append(logits[0].clone())
+        self.seen.append(logits.float().cpu() if self.all_rows else logits[0].clone())
         return self.inner(logits, seqs, pending)
 
     def release(self, seq):

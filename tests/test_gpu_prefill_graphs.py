@@ -13,6 +13,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.sequence import ImageSpan
+from tests.test_engine_parity import RecordingSampler
 from tests.tiny_checkpoints import make_tiny_lm
 
 pytestmark = pytest.mark.gpu
@@ -25,26 +26,12 @@ def tiny_lm(tmp_path_factory):
     return make_tiny_lm(tmp_path_factory.mktemp("tiny-lm-prefill-graphs"))
 
 
-class Recorder:
-    """Wraps the sampler: keeps every step's logits (all rows) and whether the step was a prefill."""
-
-    def __init__(self, inner):
-        self.inner, self.seen = inner, []
-
-    def __call__(self, logits, seqs, pending=None):
-        self.seen.append(logits.float().cpu())
-        return self.inner(logits, seqs, pending)
-
-    def release(self, seq):
-        self.inner.release(seq)
-
-
-def make_engine(tiny_lm, graphs: bool) -> tuple[LLMEngine, Recorder, list[int]]:
+def make_engine(tiny_lm, graphs: bool) -> tuple[LLMEngine, RecordingSampler, list[int]]:
     cfg, weights, tok = tiny_lm
     engine = LLMEngine(cfg, weights, tok, EngineConfig(
         device="cuda", dtype="float32", max_num_seqs=8, max_model_len=256,
         cuda_graph_prefill_tokens=GRAPH_TOKENS if graphs else 0, cuda_graph_prefill_seqs=GRAPH_SEQS))
-    recorder = Recorder(engine.runner.sampler)
+    recorder = RecordingSampler(engine.runner.sampler, all_rows=True)
     engine.runner.sampler = recorder
     replays = [0]
     if graphs:
