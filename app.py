@@ -28,8 +28,8 @@ from typing import Any
 
 import gradio as gr
 
-from vlm import ChatModel
-from vlm.types import ChatImage, ChatTurn, Finished, GenerationSettings, TextDelta
+from engine.chat import ChatModel
+from engine.chat.types import ChatImage, ChatTurn, Finished, GenerationSettings, TextDelta
 
 log = logging.getLogger("app")
 

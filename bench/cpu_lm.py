@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from engine.checkpoint import Checkpoint
+from engine.checkpoints.reader import Checkpoint
 from engine.config import EngineConfig, TextConfig
-from engine.default_lm import default_lm_checkpoint
+from engine.checkpoints.smollm_gguf import default_lm_checkpoint
 from engine.llm_engine import DTYPES, LLMEngine
 from engine.models import MODELS
 from engine.sampling_params import SamplingParams

@@ -21,16 +21,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.checkpoint import split_parts
+from engine.checkpoints.reader import split_parts
 from engine.config import EngineConfig, TextConfig
 from engine.llm_engine import LLMEngine
 from engine.models import MODELS
 from engine.sampling_params import SamplingParams
-from engine.sequence import ImageSpan
+from engine.paging.sequence import ImageSpan
 from vision.preprocess import ImageProcessor, decode_jpeg_to_device
 from vision.projector import MultiModalProjector, ProjectorConfig
 from vision.towers import build_vision_tower, load_tower_weights
-from vlm.encoders import LlavaEncoder
+from engine.families.llava import PREFIXES, LlavaImages
 
 TEXT_TOKENS, B1_NEW, B32_NEW, BATCH = 64, 256, 128, 32
 
@@ -151,7 +151,7 @@ def hf_compiled_lm(model, cfg) -> dict:
 # ---------------------------------------------------------------- our side
 class Ours:
     def __init__(self, cfg, proc_dict, state):
-        parts = split_parts(state)
+        parts = split_parts(state, PREFIXES)
         text = cfg.text_config.to_dict()
         self.cfg = cfg
         tcfg = TextConfig.from_dict(text, MODELS[text["model_type"]][1])
@@ -167,7 +167,8 @@ class Ours:
         self.projector.to("cuda", torch.bfloat16).eval()
         self.processor = ImageProcessor.from_dict(proc_dict)
         # The product's encoder: GPU preprocessing and a CUDA-graphed tower + projector.
-        self.encoder = LlavaEncoder(self.processor, self.tower.eval(), self.projector, "cuda", torch.bfloat16)
+        self.encoder = LlavaImages(self.processor, self.tower.eval(), self.projector, torch.device("cuda"),
+                                   torch.bfloat16)
 
     @torch.inference_mode()
     def encode(self, pixels):

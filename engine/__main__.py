@@ -10,6 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from engine.chat.types import CLI_DEFAULTS
+from engine.families import DTYPES
+
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m engine", description=__doc__.splitlines()[0])
@@ -20,38 +23,59 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt", required=True)
     p.add_argument("--system", default="")
     p.add_argument("--raw", action="store_true", help="no chat template; mark each image with <image>")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    d = CLI_DEFAULTS
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--top-k", type=int, default=d.top_k)
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
+    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--max-image-tokens", type=int, default=None,
+                   help="at most this many tokens per image (a cheaper reading of it where the model has one)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="auto: bf16 on CUDA; on a CPU fp32 with bf16 weight copies for decode (fastest); "
+                        "float32: fp32 everywhere (greedy text equals transformers' fp32)")
     p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse(argv)
-    from vision.intake import ImageError
-    from vlm import ChatImage, ChatModel, ChatTurn, Finished, GenerationSettings, TextDelta
+    from engine.chat import ChatImage, ChatModel, GenerationSettings
+    from engine.sampling_params import InvalidParameter
 
     try:
         images = tuple(ChatImage(Path(p).read_bytes(), Path(p).name) for p in args.image)
     except OSError as exc:
         print(f"error: cannot read image: {exc}", file=sys.stderr)
         return 2
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
-                                  seed=args.seed, ignore_eos=args.ignore_eos)
-    model = ChatModel.load(args.model, args.device)
+    try:
+        settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                      top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                                      seed=args.seed, ignore_eos=args.ignore_eos,
+                                      max_image_tokens=args.max_image_tokens)
+    except InvalidParameter as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    model = ChatModel.load(args.model, args.device, args.dtype)
+    try:
+        return _run(model, args, images, settings)
+    finally:
+        model.close()  # stop and join the engine loop: no thread may still be in native code at exit
+
+
+def _run(model, args, images, settings) -> int:
+    from engine.chat import ChatTurn, Finished, TextDelta
+
     try:
         if args.raw:
-            plan = model.plan_raw(args.prompt, list(images), args.max_new_tokens)
+            plan = model.plan_raw(args.prompt, list(images), args.max_new_tokens, args.max_image_tokens)
         else:
-            plan = model.plan(args.system, [ChatTurn("user", args.prompt, images)], args.max_new_tokens)
-    except (ImageError, ValueError) as exc:
+            plan = model.plan(args.system, [ChatTurn("user", args.prompt, images)], args.max_new_tokens,
+                              args.max_image_tokens)
+    except ValueError as exc:  # raw mode: an unreadable image, images on a text-only model, a marker miscount
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for notice in plan.notices:
@@ -64,6 +88,7 @@ def main(argv=None) -> int:
         elif isinstance(event, Finished):
             finished = event
     sys.stdout.write("\n")
+    sys.stdout.flush()
     if finished.message:
         print(f"[{finished.stats.finish_reason}] {finished.message}", file=sys.stderr)
     if args.stats:
@@ -72,7 +97,6 @@ def main(argv=None) -> int:
               f"TTFT: {s.ttft_s * 1000:.0f} ms  decode: {s.decode_tokens_per_s:.1f} tokens/s  "
               f"finish: {s.finish_reason}", file=sys.stderr)
     return 1 if finished.stats.finish_reason == "error" else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

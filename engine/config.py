@@ -124,8 +124,15 @@ class EngineConfig:
     # Launch decode step N+1 before the host handles step N's tokens (engine/llm_engine.py), so the GPU does not
     # idle during sampling bookkeeping, detokenizing and scheduling. Same outputs; on a CPU it gains nothing.
     overlap_decode: bool = True
+    # The vision stage (engine/vision_stage.py): images encoded per engine step at most (batched across requests,
+    # so one message with many images does not hold other chats' decode steps for long), and features kept by
+    # content digest for retries and follow-ups (entries live requests need are never evicted).
+    max_images_per_step: int = 8
+    feature_cache_size: int = 64
 
     def __post_init__(self):
+        if self.max_images_per_step < 1 or self.feature_cache_size < 0:
+            raise ValueError("max_images_per_step must be >= 1 and feature_cache_size >= 0")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.decode_weight_dtype not in (None, "bfloat16", "float16"):

@@ -18,25 +18,31 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.block_manager import BlockManager
+from engine.image_inputs import ImageInputs
+from engine.paging.block_manager import BlockManager
 from engine.config import EngineConfig, TextConfig
 from engine.detokenizer import IncrementalDetokenizer, NoDetokenizer
-from engine.kv_cache import count_blocks
-from engine.loader import build_text_model
-from engine.model_runner import LaunchedStep, ModelRunner
+from engine.runtime.kv_cache import count_blocks
+from engine.checkpoints.loader import build_text_model
+from engine.runtime.model_runner import LaunchedStep, ModelRunner
 from engine.models.decoder import add_lowp_copies
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import FinishReason, ImageSpan, Sequence
+from engine.paging.scheduler import Scheduler
+from engine.paging.sequence import EngineError, ErrorCode, FinishReason, ImageSpan, Sequence
+from engine.vision_stage import VisionStage
 from kernels import HAS_TRITON, load_ops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# A request that was in this many failed steps is failed itself (engine.llm_engine.LLMEngine.recover).
+MAX_SUSPECT = 2
+
+
 @dataclass
 class StepOutput:
     seq: Sequence
-    token_id: int
+    token_id: int | None  # None: the request ended without a new token (its image failed, say)
     text: str  # new text safe to show
     finish_reason: FinishReason | None
 
@@ -71,6 +77,16 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos_token_ids or text_cfg.eos_token_ids)
         self.detokenizers: dict[int, IncrementalDetokenizer | NoDetokenizer] = {}
         self.inflight: LaunchedStep | None = None  # a decode step launched and not yet resolved (overlap only)
+        self.vision: VisionStage | None = None  # set by `attach_images` for a model that reads images
+        self._attempt: list[Sequence] = []  # the requests in the steps being launched or resolved (`recover`)
+
+    def attach_images(self, images: ImageInputs) -> None:
+        """Pair the language model with a family's image input side; its encoding runs as a stage of `step`."""
+        self.vision = VisionStage(images, self.cfg.max_images_per_step, self.cfg.feature_cache_size)
+
+    @property
+    def images(self) -> ImageInputs | None:
+        return None if self.vision is None else self.vision.images
 
     @property
     def context_len(self) -> int:
@@ -87,11 +103,17 @@ class LLMEngine:
         return self.add_sequence(Sequence(prompt_ids, params, images))
 
     def add_sequence(self, seq: Sequence) -> Sequence:
-        """Queue a sequence; one that can never fit the context comes back finished with reason CONTEXT."""
+        """Queue a sequence; one that can never fit the context comes back finished with reason ERROR and code
+        CONTEXT_EXCEEDED, one with images on a model that reads none with BAD_IMAGE."""
+        if seq.images and any(span.embeds is None for span in seq.images) and self.vision is None:
+            seq.finish(FinishReason.ERROR, EngineError(ErrorCode.BAD_IMAGE, "this model reads text only"))
+            return seq
+        if not self.scheduler.add(seq):
+            return seq
         self.detokenizers[seq.seq_id] = (NoDetokenizer() if self.tokenizer is None else  # token ids only
                                          IncrementalDetokenizer(self.tokenizer, seq.token_ids, seq.params.stop))
-        if not self.scheduler.add(seq):
-            self.detokenizers.pop(seq.seq_id)
+        if self.vision is not None:
+            self.vision.admit(seq)
         return seq
 
     def abort(self, seq: Sequence) -> None:
@@ -101,15 +123,22 @@ class LLMEngine:
         self.scheduler.abort(seq)
         self._release(seq)
 
-    def fail_all(self) -> list[Sequence]:
-        """After a step raised: finish everything in flight with ERROR so no client waits forever."""
-        self.inflight = None
-        failed = list(self.scheduler.running) + list(self.scheduler.waiting)
-        self.scheduler.waiting.clear()
-        for seq in failed:
-            self.scheduler.finish(seq, FinishReason.ERROR)
-            self._release(seq)
-        return failed
+    def recover(self, detail: str) -> list[Sequence]:
+        """After a step raised: the requests in it (and in the step in flight) go back to the queue to be
+        recomputed, each marked suspect; other running requests go on. The scheduler prefills suspects one at a
+        time, so a request that makes steps fail goes on to fail by itself; one that was in `MAX_SUSPECT` failed
+        steps is finished with ERROR (code ENGINE). Returns those finished."""
+        attempt, self._attempt, self.inflight = self._attempt, [], None
+        failed = []
+        for seq in reversed(list(dict.fromkeys(s for s in attempt if not s.is_finished))):  # requeue keeps order
+            seq.suspect += 1
+            if seq.suspect >= MAX_SUSPECT:
+                self.scheduler.finish(seq, FinishReason.ERROR, EngineError(ErrorCode.ENGINE, detail))
+                self._release(seq)
+                failed.append(seq)
+            else:
+                self.scheduler.requeue(seq)
+        return failed[::-1]
 
     def has_work(self) -> bool:
         return self.inflight is not None or self.scheduler.has_work()
@@ -117,6 +146,22 @@ class LLMEngine:
     def _release(self, seq: Sequence) -> None:
         self.detokenizers.pop(seq.seq_id, None)
         self.runner.sampler.release(seq)
+        if self.vision is not None:
+            self.vision.release(seq)
+
+    def _encode_images(self) -> list[StepOutput]:
+        """The vision stage: encode the images of waiting requests (capped per step); a request whose image
+        cannot be encoded ends with BAD_IMAGE, the others go on."""
+        waiting = [s for s in self.scheduler.waiting if not s.images_ready]
+        if self.vision is None or not waiting:
+            return []
+        outputs = []
+        for seq, exc in self.vision.run(waiting):
+            self.scheduler.abort(seq)
+            seq.finish(FinishReason.ERROR, EngineError(ErrorCode.BAD_IMAGE, f"{type(exc).__name__}: {exc}"))
+            self._release(seq)
+            outputs.append(StepOutput(seq, None, "", FinishReason.ERROR))
+        return outputs
 
     def step(self) -> list[StepOutput]:
         """Launch the next step, then resolve the one before it; outputs of the step(s) resolved.
@@ -125,14 +170,17 @@ class LLMEngine:
         resolve the step in flight (if any), schedule, launch, and resolve a prefill (or, without overlap, any step)
         at once; a decode step is left in flight for the next call.
         """
+        self._attempt = [] if self.inflight is None else list(self.inflight.seqs)
+        encoded = self._encode_images()
         if self.inflight is not None:
             ahead = self.scheduler.schedule_ahead(self.inflight.seqs)
             if ahead:
-                return self._step_ahead(ahead)
-        outputs = self._resolve_inflight()
+                return encoded + self._step_ahead(ahead)
+        outputs = encoded + self._resolve_inflight()
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return outputs
+        self._attempt += seqs
         launched = self.runner.launch(seqs, is_prefill)
         if is_prefill or not self.cfg.overlap_decode:
             return outputs + self._resolve(launched)
@@ -142,6 +190,7 @@ class LLMEngine:
     def _step_ahead(self, seqs: list[Sequence]) -> list[StepOutput]:
         """Launch a decode step for `seqs` fed by the step in flight, then resolve that one."""
         prev = self.inflight
+        self._attempt += seqs
         self.inflight = self.runner.launch(seqs, False, after=prev)
         outputs = self._resolve(prev)
         for seq in seqs:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.sequence import ImageSpan
+from engine.paging.sequence import ImageSpan
 
 PROBE = "q7probe"
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 import vlm
-from vlm.types import ChatImage, ChatTurn, Finished, Plan, TextDelta, TurnStats
+from engine.chat.types import ChatImage, ChatTurn, Finished, Plan, TextDelta, TurnStats
 
 
 def _stats(generated=3, reason="stop"):

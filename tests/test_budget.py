@@ -2,8 +2,8 @@
 import pytest
 
 from tests.tiny_checkpoints import make_tiny_llava, random_png
-from vlm import ChatImage, ChatModel, ChatTurn
-from vlm.loading import load_bundle
+from engine.chat import ChatImage, ChatModel, ChatTurn
+from engine.families import load_model
 
 IMAGE_TOKENS = 25  # the tiny Llama+CLIP checkpoint: (30 / 6)^2 patches, CLS dropped
 
@@ -14,7 +14,7 @@ def folder(tmp_path_factory):
 
 
 def model(folder, context):
-    return ChatModel(load_bundle(str(folder), "cpu", max_model_len=context))
+    return ChatModel(load_model(str(folder), "cpu", max_model_len=context))
 
 
 def image(seed, name):

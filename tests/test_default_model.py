@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlm import ChatImage, ChatModel, ChatTurn, Finished, GenerationSettings, TextDelta
+from engine.chat import ChatImage, ChatModel, ChatTurn, Finished, GenerationSettings, TextDelta
 
 pytestmark = pytest.mark.slow
 QUESTION = "What animal is in this picture?"
@@ -72,11 +72,13 @@ def test_cli_streams_only_the_reply_to_stdout(tmp_path, cat_png):
 
 
 def test_converted_checkpoint_is_plain_safetensors():
-    from engine.checkpoint import Checkpoint
-    from engine.default_lm import IMAGE_TOKEN, default_lm_checkpoint
+    from engine.checkpoints.reader import Checkpoint
+    from engine.checkpoints.smollm_gguf import IMAGE_TOKEN, default_lm_checkpoint
+    from engine.families.common import TEXT_PREFIXES
 
     path = default_lm_checkpoint()  # converted already by the fixtures above
     ck = Checkpoint.load(path)
-    assert set(ck.parts) == {"text"} and len(ck.parts["text"]) == 272  # tied lm_head not stored twice
+    parts = ck.parts(TEXT_PREFIXES)
+    assert set(parts) == {"text"} and len(parts["text"]) == 272  # tied lm_head not stored twice
     assert "quantization_config" not in ck.config
     assert IMAGE_TOKEN in (path / "tokenizer.json").read_text()

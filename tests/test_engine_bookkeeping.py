@@ -1,8 +1,8 @@
 """Scheduler and block manager: pure Python, no model. Prefix caching, image-aware keys, preemption, limits."""
-from engine.block_manager import BlockManager
+from engine.paging.block_manager import BlockManager
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import FinishReason, ImageSpan, Sequence, Status
+from engine.paging.scheduler import Scheduler
+from engine.paging.sequence import ErrorCode, FinishReason, ImageSpan, Sequence, Status
 
 P = SamplingParams(max_new_tokens=8)
 
@@ -88,7 +88,7 @@ def test_prompt_longer_than_context_finishes_at_once():
     sched = Scheduler(BlockManager(64, 4), 4, 100, max_model_len=16)
     s = seq(16)
     assert not sched.add(s)
-    assert s.finish_reason is FinishReason.CONTEXT
+    assert s.finish_reason is FinishReason.ERROR and s.error.code is ErrorCode.CONTEXT_EXCEEDED
 
 
 def test_preemption_when_blocks_run_out_and_recovery():

@@ -9,13 +9,13 @@ same as on a GPU. The scheduler's lookahead decision is tested on its own at the
 import pytest
 import torch
 
-from engine.block_manager import BlockManager
+from engine.paging.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.sampler import Sampler
+from engine.runtime.sampler import Sampler
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import FinishReason, Sequence
+from engine.paging.scheduler import Scheduler
+from engine.paging.sequence import ErrorCode, FinishReason, Sequence
 from tests.tiny_checkpoints import make_tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -148,14 +148,29 @@ def test_abort_while_in_flight_frees_blocks_and_stops_outputs(tiny_lm):
     assert engine.blocks.num_free == engine.blocks.num_blocks
 
 
-def test_fail_all_drops_the_step_in_flight(tiny_lm):
+def test_recover_retries_the_failed_step_alone_then_fails_a_repeat_offender(tiny_lm):
+    """After a step raises, the requests in it (the step in flight included) are recomputed, one at a time, and
+    finish with the same greedy tokens as an undisturbed run; a request in a second failed step ends with ERROR
+    (code ENGINE) and frees everything."""
+    greedy = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    alone = [make_engine(tiny_lm, True).generate([p], greedy)[0].token_ids for p in PROMPTS[:2]]
     engine = make_engine(tiny_lm, True)
-    seqs = [engine.add_request(p, SamplingParams(max_new_tokens=20, ignore_eos=True)) for p in PROMPTS[:2]]
+    seqs = [engine.add_request(p, greedy) for p in PROMPTS[:2]]
     while engine.inflight is None:
         engine.step()
-    failed = engine.fail_all()
-    assert set(failed) == set(seqs) and all(s.finish_reason is FinishReason.ERROR for s in seqs)
-    assert engine.inflight is None and not engine.has_work() and engine.step() == []
+    assert engine.recover("test failure") == []
+    assert engine.inflight is None and all(s.suspect == 1 and not s.is_finished for s in seqs)
+    assert list(engine.scheduler.waiting) == seqs
+    batch, is_prefill = engine.scheduler.schedule()
+    assert is_prefill and batch == seqs[:1]  # suspects are prefilled alone
+    engine.runner.launch(batch, True)  # this step "fails" too:
+    engine._attempt = batch
+    failed = engine.recover("test failure")
+    assert failed == seqs[:1] and seqs[0].finish_reason is FinishReason.ERROR
+    assert seqs[0].error.code is ErrorCode.ENGINE
+    while engine.has_work():
+        engine.step()
+    assert seqs[1].output_ids == alone[1]
     assert engine.blocks.num_free == engine.blocks.num_blocks
 
 

@@ -12,8 +12,8 @@ from PIL import Image
 from engine.sampling_params import SamplingParams
 from tests.tiny_checkpoints import make_tiny_llava, random_png
 from tests.triton_setup import DEVICE, needs_triton
-from vlm import ChatImage, ChatModel, ChatTurn
-from vlm.loading import load_bundle
+from engine.chat import ChatImage, ChatModel, ChatTurn
+from engine.families import load_model
 
 FAMILIES = ["llama-clip", "qwen2-siglip"]
 QUESTION = "What animal is in this picture?"
@@ -56,6 +56,7 @@ def our_plan(model: ChatModel, image_bytes):
 def run_prefill_logits(engine, ids, spans):
     """All-position logits of one prefill through the engine's own runner."""
     seq = engine.add_request(ids, SamplingParams(max_new_tokens=1), spans)
+    assert engine.vision.run([seq]) == [] and seq.images_ready  # the engine's vision stage, run here by hand
     batch, is_prefill = engine.scheduler.schedule()
     assert is_prefill and batch == [seq]
     with torch.inference_mode():
@@ -66,7 +67,7 @@ def run_prefill_logits(engine, ids, spans):
 
 
 def test_prompt_ids_match_processor(checkpoint, image_bytes):
-    model = ChatModel(load_bundle(str(checkpoint), "cpu", decode_weight_dtype=None))
+    model = ChatModel(load_model(str(checkpoint), "cpu", "float32"))
     plan = our_plan(model, image_bytes)
     assert plan.error is None, plan.error
     ids, spans = plan.prepared
@@ -75,7 +76,7 @@ def test_prompt_ids_match_processor(checkpoint, image_bytes):
 
 
 def test_prefill_logits_match(checkpoint, image_bytes):
-    bundle = load_bundle(str(checkpoint), "cpu", decode_weight_dtype=None, enable_prefix_caching=False)
+    bundle = load_model(str(checkpoint), "cpu", "float32", enable_prefix_caching=False)
     ids, spans = our_plan(ChatModel(bundle), image_bytes).prepared
     ours = run_prefill_logits(bundle.engine, ids, spans)
     with torch.no_grad():
@@ -85,7 +86,7 @@ def test_prefill_logits_match(checkpoint, image_bytes):
 
 
 def test_greedy_48_tokens_match(checkpoint, image_bytes):
-    bundle = load_bundle(str(checkpoint), "cpu", decode_weight_dtype=None)
+    bundle = load_model(str(checkpoint), "cpu", "float32")
     ids, spans = our_plan(ChatModel(bundle), image_bytes).prepared
     ours = bundle.engine.generate([ids], SamplingParams(max_new_tokens=48, ignore_eos=True), [spans])[0]
     inputs = hf_inputs(checkpoint, image_bytes)
@@ -114,7 +115,7 @@ class RecordingSampler:
 
 
 def test_cached_decode_equals_full_forward(checkpoint, image_bytes, monkeypatch):
-    bundle = load_bundle(str(checkpoint), "cpu", decode_weight_dtype=None, enable_prefix_caching=False)
+    bundle = load_model(str(checkpoint), "cpu", "float32", enable_prefix_caching=False)
     engine = bundle.engine
     ids, spans = our_plan(ChatModel(bundle), image_bytes).prepared
     recorder = RecordingSampler(engine.runner.sampler)
@@ -132,10 +133,11 @@ def test_triton_kernels_through_the_engine_match_hf(checkpoint, image_bytes):
     by TRITON_INTERPRET on CPU, or compiled on the GPU where there is one (with the prefill and decode CUDA
     graphs): the same 4 greedy tokens as HF `generate` on the CPU."""
     # The prompt and image features from the CPU path, as HF computes them: GPU resizing differs by up to 2/255.
-    ids, spans = our_plan(ChatModel(load_bundle(str(checkpoint), "cpu", decode_weight_dtype=None)),
-                          image_bytes).prepared
-    spans = tuple(dataclasses.replace(s, embeds=s.embeds.to(DEVICE)) for s in spans)
-    bundle = load_bundle(str(checkpoint), DEVICE, "float32", decode_weight_dtype=None, use_triton=True)
+    cpu = load_model(str(checkpoint), "cpu", "float32")
+    ids, spans = our_plan(ChatModel(cpu), image_bytes).prepared
+    feats = cpu.images.encode([s.source for s in spans])
+    spans = tuple(dataclasses.replace(s, embeds=f.to(DEVICE)) for s, f in zip(spans, feats))
+    bundle = load_model(str(checkpoint), DEVICE, "float32", use_triton=True)
     ours = bundle.engine.generate([ids], SamplingParams(max_new_tokens=4, ignore_eos=True), [spans])[0]
     inputs = hf_inputs(checkpoint, image_bytes)
     with torch.no_grad():

@@ -6,7 +6,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.serving import EngineServer
-from engine.sequence import FinishReason
+from engine.paging.sequence import ErrorCode, FinishReason
 from tests.tiny_checkpoints import build_tokenizer, make_tiny_lm
 
 TEXTS = ["你好，世界。这是一只猫。", "Emoji: 🐱🐶🎉 and café", "The cat 🐱 sits on the mat 你好"]
@@ -77,8 +77,8 @@ def test_finish_reasons_length_and_context(tiny_lm):
     assert out.finish_reason is FinishReason.LENGTH and len(out.token_ids) == 5
     out = engine.generate([[1] * 30], SamplingParams(max_new_tokens=50, ignore_eos=True))[0]
     assert out.finish_reason is FinishReason.CONTEXT and len(out.token_ids) == 2
-    out = engine.generate([[1] * 40], SamplingParams(max_new_tokens=5))[0]
-    assert out.finish_reason is FinishReason.CONTEXT and out.token_ids == []
+    refused = engine.add_request([1] * 40, SamplingParams(max_new_tokens=5))  # never fits: refused at once
+    assert refused.finish_reason is FinishReason.ERROR and refused.error.code is ErrorCode.CONTEXT_EXCEEDED
 
 
 def test_batch_of_requests_equals_each_alone(tiny_lm):
@@ -127,4 +127,4 @@ def test_engine_without_tokenizer_gives_tokens_and_refuses_overlong_prompts(tiny
     engine = LLMEngine(cfg, weights, None, EngineConfig(max_model_len=32))
     out = engine.generate([[1, 2, 3], [1] * 40], SamplingParams(max_new_tokens=5, ignore_eos=True))
     assert len(out[0].token_ids) == 5 and out[0].text == ""
-    assert out[1].finish_reason is FinishReason.CONTEXT and out[1].token_ids == []
+    assert out[1].finish_reason is FinishReason.ERROR and out[1].token_ids == []

@@ -14,8 +14,8 @@ import torch
 from engine.sampling_params import SamplingParams
 from tests.test_engine_parity import QUESTION, RecordingSampler, run_prefill_logits
 from tests.tiny_checkpoints import make_tiny_llava, random_png
-from vlm import ChatImage, ChatModel, ChatTurn
-from vlm.loading import load_bundle
+from engine.chat import ChatImage, ChatModel, ChatTurn
+from engine.families import load_model
 
 pytestmark = pytest.mark.gpu
 
@@ -26,14 +26,14 @@ def checkpoint(request, tmp_path_factory):
 
 
 def cpu_plan(checkpoint):
-    bundle = load_bundle(str(checkpoint), "cpu", decode_weight_dtype=None)
+    bundle = load_model(str(checkpoint), "cpu", "float32")
     plan = ChatModel(bundle).plan("", [ChatTurn("user", QUESTION, (ChatImage(random_png(), "x.png"),))], 48)
     return bundle, plan.prepared
 
 
 def gpu_run(checkpoint, dtype, ids, spans):
     """Greedy 48 tokens on the GPU from the CPU's prompt and image features, with the logits of each step."""
-    bundle = load_bundle(str(checkpoint), "cuda", dtype)
+    bundle = load_model(str(checkpoint), "cuda", dtype)
     spans = tuple(dataclasses.replace(s, embeds=s.embeds.to("cuda")) for s in spans)
     recorder = RecordingSampler(bundle.engine.runner.sampler)
     bundle.engine.runner.sampler = recorder
@@ -58,7 +58,7 @@ def check(checkpoint, dtype, tol):
 def test_gpu_image_features_close_to_cpu(checkpoint):
     """GPU preprocessing (resize within 2/255 of the CPU's) and the CUDA-graphed tower, in fp32."""
     _, (_, spans) = cpu_plan(checkpoint)
-    bundle = load_bundle(str(checkpoint), "cuda", "float32")
+    bundle = load_model(str(checkpoint), "cuda", "float32")
     plan = ChatModel(bundle).plan("", [ChatTurn("user", QUESTION, (ChatImage(random_png(), "x.png"),))], 48)
     gpu = plan.prepared[1][0].embeds.float().cpu()
     cpu = spans[0].embeds

@@ -12,7 +12,7 @@ import torch
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from engine.sequence import ImageSpan
+from engine.paging.sequence import ImageSpan
 from tests.test_engine_parity import RecordingSampler
 from tests.tiny_checkpoints import make_tiny_lm
 

@@ -57,8 +57,9 @@ def make_tiny_lm(folder: Path):
     """A 2-layer Llama with the byte-level test tokenizer, saved and loaded back: (TextConfig, weights, tokenizer)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine.checkpoint import Checkpoint
+    from engine.checkpoints.reader import Checkpoint
     from engine.config import TextConfig
+    from engine.families.common import TEXT_PREFIXES
 
     tok = build_tokenizer(chatml=False)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -68,7 +69,7 @@ def make_tiny_lm(folder: Path):
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     ck = Checkpoint.load(folder)
-    return TextConfig.from_dict(ck.config), ck.parts["text"], tok
+    return TextConfig.from_dict(ck.config), ck.parts(TEXT_PREFIXES)["text"], tok
 
 
 def make_tiny_llava(folder: Path, family: str, seed: int = 0) -> Path:

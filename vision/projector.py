@@ -99,10 +99,21 @@ class LabelProjector:
             return f"[Image: an ImageNet classifier is unsure what this shows; its best guesses: {labels}.]"
         return f"[Image: an ImageNet classifier sees {labels}.]"
 
-    def __call__(self, probs: torch.Tensor) -> list[ProjectedLabels]:
+    def max_tokens(self) -> int:
+        """An upper bound on any sentence's token count: the longest class names at three-digit percentages, in
+        the longer of the two phrasings, plus a margin for merges across word boundaries."""
+        longest = sorted(self.class_names, key=lambda n: len(self.encode(f" {n} (100%),")))[-self.top_k:]
+        worst = self._sentence([0.0] * len(longest), list(map(self.class_names.index, longest)))
+        return len(self.encode(worst.replace("(0%)", "(100%)"))) + 8
+
+    def __call__(self, probs: torch.Tensor, length: int | None = None, pad_id: int = 0) -> list[ProjectedLabels]:
+        """One sentence's embeddings per image; with `length`, each is padded with `pad_id` (or cut) to exactly
+        that many tokens, so its placeholder count is known before the image is classified."""
         out = []
         for text in self.render(probs):
             ids = tuple(self.encode(text))
+            if length is not None:
+                ids = (ids + (pad_id,) * length)[:length]
             embeds = self.embed(torch.tensor(ids, dtype=torch.long, device=self.device))  # (T_i, hidden)
             out.append(ProjectedLabels(text, ids, embeds))
         return out

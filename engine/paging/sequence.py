@@ -24,20 +24,41 @@ class FinishReason(str, Enum):
     LENGTH = "length"  # max_new_tokens reached
     CONTEXT = "context"  # the model's context (or the KV cache) is full
     ABORT = "abort"  # cancelled by the caller
-    ERROR = "error"
+    ERROR = "error"  # see the sequence's `error` for which kind
+
+
+class ErrorCode(str, Enum):
+    """Why a request ended with FinishReason.ERROR (or was refused). The words for users are chosen at the edge
+    (the chat UI, the HTTP API), from the code; `detail` in `EngineError` is for logs, never shown to users."""
+
+    CONTEXT_EXCEEDED = "context_exceeded"  # the prompt alone cannot fit the context
+    BAD_IMAGE = "bad_image"  # an image could not be encoded
+    INVALID_PARAMETER = "invalid_parameter"  # a sampling parameter out of range
+    ENGINE = "engine"  # a step failed and this request was in it
 
 
 @dataclass(frozen=True)
+class EngineError:
+    code: ErrorCode
+    detail: str = ""
+    param: str | None = None  # for INVALID_PARAMETER: which one
+
+
+@dataclass(eq=False)
 class ImageSpan:
-    """`length` placeholder positions starting at `offset` hold one image's features; `digest` names its content.
+    """`length` placeholder positions starting at `offset` hold one image's features; `digest` names its content
+    (and how it is read).
 
     The digest goes into prefix-cache keys, so two different images behind identical placeholder ids never share KV.
+    `source` is what the engine's vision stage encodes (opaque here); it sets `embeds`, the (length, hidden) rows the
+    model runner splices in, before the request can be admitted.
     """
 
     offset: int
     length: int
     digest: str
-    embeds: Any = None  # (length, hidden) tensor, read only by the model runner
+    embeds: Any = None
+    source: Any = None
 
 
 _ids = itertools.count()
@@ -59,6 +80,8 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
         self.finish_reason: FinishReason | None = None
+        self.error: EngineError | None = None
+        self.suspect = 0  # times this request was in a step that failed (engine.llm_engine: isolation)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -80,6 +103,11 @@ class Sequence:
         return self.status is Status.FINISHED
 
     @property
+    def images_ready(self) -> bool:
+        """Whether every image's features are attached (the vision stage's work is done)."""
+        return all(span.embeds is not None for span in self.images)
+
+    @property
     def image_tokens(self) -> int:
         return sum(s.length for s in self.images)
 
@@ -97,6 +125,7 @@ class Sequence:
     def append(self, token_id: int) -> None:
         self.token_ids.append(token_id)
 
-    def finish(self, reason: FinishReason) -> None:
+    def finish(self, reason: FinishReason, error: EngineError | None = None) -> None:
         self.status = Status.FINISHED
         self.finish_reason = reason
+        self.error = error

@@ -1,14 +1,13 @@
 """Finding and reading checkpoints: a local folder or a Hub id; config, tokenizer, chat template, safetensors.
 
-A llava-hf checkpoint holds three parts under different key prefixes (language model, vision tower, projector),
-written one way by transformers 5 and another by 4.x; `split_parts` maps both onto one naming. The language
-model's part goes to the engine; the vision parts are handed on untouched to whoever builds the vision tower.
+A checkpoint's tensors are split into parts (language model, vision tower, projector, ...) by key prefixes that
+its family names (`engine.families.*.PREFIXES`): this module knows no model's layout.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,18 +18,7 @@ class ModelUnavailable(RuntimeError):
     """The model cannot be loaded here; the message names it and says what to do instead."""
 
 
-# (checkpoint prefix, part, prefix in our modules); first match wins, longest prefixes first.
-PREFIXES = (
-    ("model.language_model.", "text", "model."),
-    ("language_model.model.", "text", "model."),
-    ("language_model.lm_head.", "text", "lm_head."),
-    ("model.vision_tower.", "vision", ""),
-    ("vision_tower.", "vision", ""),
-    ("model.multi_modal_projector.", "projector", ""),
-    ("multi_modal_projector.", "projector", ""),
-    ("lm_head.", "text", "lm_head."),
-    ("model.", "text", "model."),
-)
+Prefixes = tuple[tuple[str, str, str], ...]  # (checkpoint prefix, part, prefix in our modules); first match wins
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 
@@ -68,10 +56,10 @@ def chat_template(path: Path, tokenizer) -> str | None:
     return tmpl or getattr(tokenizer, "chat_template", None)
 
 
-def split_parts(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+def split_parts(tensors: dict[str, torch.Tensor], prefixes: Prefixes) -> dict[str, dict[str, torch.Tensor]]:
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        for prefix, part, ours in PREFIXES:
+        for prefix, part, ours in prefixes:
             if key.startswith(prefix):
                 parts.setdefault(part, {})[ours + key[len(prefix):]] = value
                 break
@@ -96,20 +84,23 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 class Checkpoint:
     path: Path
     config: dict
-    parts: dict[str, dict[str, torch.Tensor]] = field(repr=False)
     generation_config: dict
 
     @classmethod
     def load(cls, model: str | os.PathLike) -> "Checkpoint":
+        """The folder and its configs; tensors are read later, by `parts`, once the family is known."""
         path = resolve(str(model))
         config = read_json(path, "config.json")
         if not config:
             raise ModelUnavailable(f"{path} has no config.json")
-        return cls(path, config, split_parts(read_safetensors(path)), read_json(path, "generation_config.json"))
+        return cls(path, config, read_json(path, "generation_config.json"))
+
+    @property
+    def architecture(self) -> str:
+        return (self.config.get("architectures") or ["?"])[0]
 
     def read(self, name: str) -> dict:
         return read_json(self.path, name)
 
-    @property
-    def text_config(self) -> dict:
-        return self.config.get("text_config") or self.config
+    def parts(self, prefixes: Prefixes) -> dict[str, dict[str, torch.Tensor]]:
+        return split_parts(read_safetensors(self.path), prefixes)

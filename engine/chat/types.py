@@ -1,14 +1,14 @@
 """The values that cross the line between the chat UI and the model: turns, settings, stream events.
 
 Plain dataclasses with no torch in them (the one import, engine.sampling_params, is plain Python too), so that
-`app.py` and the tests can build and read them without loading a model. `vlm.chat_model.ChatModel` consumes turns
+`app.py` and the tests can build and read them without loading a model. `engine.chat.chat_model.ChatModel` consumes turns
 and settings and yields the events.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import InvalidParameter, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,10 @@ class ChatTurn:
 
 @dataclass(frozen=True)
 class GenerationSettings:
+    """A reply's settings; checked on creation with the engine's own checks (sampling_params.InvalidParameter).
+    `max_image_tokens` caps what one image may cost (the cheapest reading within it), like Qwen2-VL's max_pixels:
+    less detail, a faster reply, more room for the conversation."""
+
     max_new_tokens: int = 512
     temperature: float = 0.7
     top_p: float = 0.9
@@ -40,14 +44,24 @@ class GenerationSettings:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    max_image_tokens: int | None = None
 
     def __post_init__(self):
         self.sampling_params()  # the engine's own checks, with their messages
+        if self.max_image_tokens is not None and (isinstance(self.max_image_tokens, bool) or
+                                                  not isinstance(self.max_image_tokens, int) or
+                                                  self.max_image_tokens < 1):
+            raise InvalidParameter("max_image_tokens", "max_image_tokens must be a positive whole number")
 
     def sampling_params(self, max_new_tokens: int | None = None) -> SamplingParams:
         return SamplingParams(max_new_tokens=max_new_tokens or self.max_new_tokens, temperature=self.temperature,
                               top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
                               seed=self.seed, stop=self.stop, ignore_eos=self.ignore_eos)
+
+
+# The one home of generation defaults: the chat UI's sliders and handler, and the command line's flags.
+CHAT_DEFAULTS = GenerationSettings()
+CLI_DEFAULTS = GenerationSettings(max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0)
 
 
 @dataclass
@@ -76,6 +90,13 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class Queued:
+    """The reply waits for the engine: `position` requests are ahead of it, counting itself (1 = next)."""
+
+    position: int
+
+
+@dataclass(frozen=True)
 class TurnStats:
     prompt_tokens: int
     image_tokens: int
@@ -85,6 +106,7 @@ class TurnStats:
     context_used: int
     context_len: int
     finish_reason: str  # "stop", "length", "context", "abort", "error"
+    error_code: str | None = None  # with "error": "context_exceeded", "bad_image", "invalid_parameter", "engine"
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttentionMetadata
-from engine.block_manager import BlockManager
+from engine.runtime.attention import AttentionMetadata
+from engine.paging.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.kv_cache import allocate
+from engine.runtime.kv_cache import allocate
 from engine.models.decoder import CausalLM
-from engine.rope import cos_sin_cache
-from engine.sampler import Sampler, to_device
-from engine.sequence import Sequence
+from engine.runtime.rope import cos_sin_cache
+from engine.runtime.sampler import Sampler, to_device
+from engine.paging.sequence import Sequence
 
 
 @dataclass
@@ -78,7 +78,7 @@ class ModelRunner:
         self.graphs = self.prefill_graphs = None
         if device.type == "cuda" and cuda_graphs:
             # imported where used: CPU-only installs never need it
-            from engine.cuda_graphs import DecodeGraphs, PrefillGraphs, prefill_buckets
+            from engine.runtime.cuda_graphs import DecodeGraphs, PrefillGraphs, prefill_buckets
 
             pool = None
             seqs = min(cfg.cuda_graph_prefill_seqs, cfg.max_num_seqs)

@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 import torch
 
-from engine.attention import AttentionMetadata
-from engine.sequence import Sequence
+from engine.runtime.attention import AttentionMetadata
+from engine.paging.sequence import Sequence
 
 
 @torch.inference_mode()

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from engine.block_manager import BlockManager
-from engine.sequence import FinishReason, Sequence, Status
+from engine.paging.block_manager import BlockManager
+from engine.paging.sequence import EngineError, ErrorCode, FinishReason, Sequence, Status
 
 
 class Scheduler:
@@ -30,9 +30,10 @@ class Scheduler:
         return min(self.max_model_len, self.blocks.num_blocks * self.blocks.block_size)
 
     def add(self, seq: Sequence) -> bool:
-        """Queue a sequence; a prompt that can never fit is finished at once with reason CONTEXT."""
+        """Queue a sequence; a prompt that can never fit is finished at once (ERROR, CONTEXT_EXCEEDED)."""
         if len(seq) >= self.max_tokens_per_seq:
-            seq.finish(FinishReason.CONTEXT)
+            seq.finish(FinishReason.ERROR, EngineError(
+                ErrorCode.CONTEXT_EXCEEDED, f"{len(seq)} prompt tokens, at most {self.max_tokens_per_seq - 1}"))
             return False
         self.waiting.append(seq)
         return True
@@ -48,20 +49,25 @@ class Scheduler:
             return FinishReason.CONTEXT
         return None
 
+    def _admissible(self, seq: Sequence, batch: list[Sequence]) -> bool:
+        """The head-of-queue test of `schedule`: room for one more sequence, its images encoded, its blocks free.
+        A suspect (in a step that failed, engine.llm_engine) is prefilled alone, so it can only fail by itself."""
+        return (len(self.running) + len(batch) < self.max_num_seqs and seq.images_ready
+                and not (batch and (seq.suspect or batch[0].suspect)) and self.blocks.can_allocate(seq))
+
     def can_admit(self) -> bool:
-        """Whether `schedule` would start a prefill now (the same test it applies to the head of the queue)."""
-        return (bool(self.waiting) and len(self.running) < self.max_num_seqs
-                and self.blocks.can_allocate(self.waiting[0]))
+        """Whether `schedule` would start a prefill now."""
+        return bool(self.waiting) and self._admissible(self.waiting[0], [])
 
     def schedule(self) -> tuple[list[Sequence], bool]:
         """Returns (sequences, is_prefill)."""
         batch, tokens = [], 0
-        while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
+        while self.waiting:
             seq = self.waiting[0]
             new_tokens = len(seq) - seq.num_cached_tokens
             if batch and tokens + new_tokens > self.max_num_batched_tokens:
                 break
-            if not self.blocks.can_allocate(seq):
+            if not self._admissible(seq, batch):
                 break
             self.blocks.allocate(seq)
             tokens += len(seq) - seq.num_cached_tokens
@@ -111,8 +117,13 @@ class Scheduler:
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
 
-    def finish(self, seq: Sequence, reason: FinishReason) -> None:
-        seq.finish(reason)
+    def requeue(self, seq: Sequence) -> None:
+        """Back to the front of the queue, its blocks freed, to be recomputed (after a failed step)."""
+        if seq in self.running:
+            self._preempt(seq)
+
+    def finish(self, seq: Sequence, reason: FinishReason, error: EngineError | None = None) -> None:
+        seq.finish(reason, error)
         if seq in self.running:
             self.running.remove(seq)
             self.blocks.free(seq)

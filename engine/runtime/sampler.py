@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.sequence import Sequence
+from engine.paging.sequence import Sequence
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

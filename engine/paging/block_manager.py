@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from engine.sequence import Sequence
+from engine.paging.sequence import Sequence
 
 
 class Block:

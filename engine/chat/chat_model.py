@@ -1,0 +1,185 @@
+"""The chat-facing model: plan a reply within the context, then stream it. What app.py and the CLI talk to.
+
+`plan()` runs on the caller's thread and does no model work: it decodes and checks the uploads (vision.intake),
+asks the family what each image costs in each reading, and fits the conversation (engine.chat.budget). It never
+raises for user input: unreadable images become notices, a message that cannot be answered becomes `Plan.error`.
+`stream()` submits the plan to the engine loop (which encodes the images, prefills and decodes) and yields
+`Queued` while the request waits, text deltas, and then exactly one `Finished`, whose message explains any ending
+but a normal stop in plain words chosen here from the engine's typed finish reasons and error codes; closing the
+stream aborts the request in the engine.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+from engine.chat.budget import FitImage, Item, fit
+from engine.chat.types import ChatTurn, Finished, GenerationSettings, Plan, Queued, TextDelta, TurnStats
+from engine.families import load_model
+from engine.families.base import LoadedModel
+from engine.image_inputs import ImageInput
+from engine.paging.sequence import ErrorCode, ImageSpan
+from engine.serving import EngineServer
+from vision.intake import ImageError, IntakeLimits, image_digest, load_image
+
+QUEUE_POLL_S = 0.5  # while a reply waits to start, its queue position is re-read this often
+
+REASONS = {
+    "length": "The reply reached the max new tokens limit ({n}). Raise the limit in the settings, or ask the "
+              "model to continue.",
+    "context": "The conversation filled the model's context ({ctx} tokens). Clear the chat or undo a few turns "
+               "to go on.",
+    "abort": "Stopped.",
+}
+ERRORS = {
+    ErrorCode.CONTEXT_EXCEEDED: "This message is longer than the model's context ({ctx} tokens).",
+    ErrorCode.BAD_IMAGE: "An image in this message could not be read by the model, so nothing was answered. Try "
+                         "sending it again in another format (JPEG or PNG).",
+    ErrorCode.INVALID_PARAMETER: "A setting is out of range; check the values under Settings.",
+    ErrorCode.ENGINE: "The model failed while answering this message. The chat is kept; you can retry.",
+}
+
+
+class ChatModel:
+    def __init__(self, loaded: LoadedModel, intake_limits: IntakeLimits = IntakeLimits()):
+        self.loaded = loaded
+        self.name, self.description = loaded.name, loaded.description
+        self.intake_limits = intake_limits
+        self.server = EngineServer(loaded.engine)
+
+    @classmethod
+    def load(cls, model: str | None = None, device: str | None = None, dtype: str = "auto",
+             **engine_kw) -> "ChatModel":
+        return cls(load_model(model, device, dtype, **engine_kw))
+
+    def close(self) -> None:
+        """Stop the engine loop and join its thread (open replies end as stopped)."""
+        self.server.close()
+
+    @property
+    def context_len(self) -> int:
+        return self.loaded.engine.context_len
+
+    @property
+    def capacity(self) -> int:
+        """Replies the engine runs at once; more wait in its queue (admission by free KV blocks)."""
+        return self.loaded.engine.cfg.max_num_seqs
+
+    @property
+    def sees_images(self) -> bool:
+        return self.loaded.images is not None
+
+    def _fit_image(self, image, max_image_tokens: int | None) -> FitImage:
+        picture = load_image(image.data, image.name, self.intake_limits)
+        fitted = FitImage(image.name, image_digest(image.data), picture, self.loaded.images.readings(picture.size))
+        fitted.cap(max_image_tokens)
+        return fitted
+
+    def _items(self, turns: list[ChatTurn], notices: list[str], max_image_tokens: int | None) -> list[Item]:
+        items = []
+        for index, turn in enumerate(turns):
+            newest = index == len(turns) - 1
+            decoded = []
+            for image in turn.images:
+                if not self.sees_images:
+                    if newest:
+                        notices.append(f"{image.name} was not used: this model reads text only.")
+                    continue
+                try:
+                    decoded.append(self._fit_image(image, max_image_tokens))
+                except ImageError as exc:
+                    if newest:  # older ones were reported when they were sent
+                        notices.append(f"{exc} It was left out.")
+            items.append(Item(turn.role, turn.text, decoded))
+        return items
+
+    def plan(self, system: str, turns: list[ChatTurn], max_new_tokens: int,
+             max_image_tokens: int | None = None) -> Plan:
+        notices: list[str] = []
+        plan = Plan(turns=list(turns), system=system, max_new_tokens=max_new_tokens, context_len=self.context_len,
+                    notices=notices)
+        if not turns or turns[-1].role != "user":
+            plan.error = "There is no new message to answer."
+            return plan
+        items = self._items(turns, notices, max_image_tokens)
+        if turns[-1].images and not items[-1].images:
+            # Answering the text alone would read as if the pictures had been seen.
+            plan.error = ("None of the images in this message could be used, so it was not sent to the model. "
+                          + (notices.pop() if len(turns[-1].images) == 1 and notices else
+                             "See the notes above."))
+            return plan
+        if not items[-1].text.strip() and not items[-1].images:
+            plan.error = "Please type a message or add an image."
+            return plan
+        fitted = fit(self.loaded.prompt, system, items, max_new_tokens, self.context_len)
+        notices.extend(fitted.notices)
+        if fitted.error:
+            plan.error = fitted.error
+            return plan
+        images = [ImageInput(im.picture, im.digest, im.reading, im.name) for it in fitted.items for im in it.images]
+        plan.prompt_tokens = len(fitted.prompt.ids)
+        plan.image_tokens = sum(fitted.prompt.image_lengths)
+        plan.max_new_tokens = fitted.max_new_tokens
+        plan.prepared = (fitted.prompt.ids, self._spans(fitted.prompt, images))
+        return plan
+
+    @staticmethod
+    def _spans(prompt, images: list[ImageInput]) -> tuple[ImageSpan, ...]:
+        return tuple(ImageSpan(o, n, repr(im.cache_key), source=im)
+                     for o, n, im in zip(prompt.image_offsets, prompt.image_lengths, images))
+
+    def plan_raw(self, text: str, images: list, max_new_tokens: int, max_image_tokens: int | None = None) -> Plan:
+        """Raw mode (no chat template): `text` marks each image's place with the image token. Raises ValueError
+        (ImageError included) for input that cannot run."""
+        if images and not self.sees_images:
+            raise ValueError(f"{self.name} reads text only: it cannot take images")
+        fitted = [self._fit_image(im, max_image_tokens) for im in images]
+        inputs = [ImageInput(im.picture, im.digest, im.reading, im.name) for im in fitted]
+        prompt = self.loaded.prompt.encode(text, [im.reading.tokens for im in inputs])
+        return Plan(turns=[], system="", prompt_tokens=len(prompt.ids), image_tokens=sum(prompt.image_lengths),
+                    max_new_tokens=max_new_tokens, context_len=self.context_len,
+                    prepared=(prompt.ids, self._spans(prompt, inputs)))
+
+    def stream(self, plan: Plan, settings: GenerationSettings) -> Iterator[TextDelta | Queued | Finished]:
+        if plan.error or plan.prepared is None:
+            yield Finished(self._stats(plan, 0, 0.0, 0.0, "error"), plan.error or "Nothing to run.")
+            return
+        ids, spans = plan.prepared
+        request = self.server.submit(ids, settings.sampling_params(plan.max_new_tokens), spans)
+        text, shown = [], None
+        try:
+            while request.finish_reason is None:
+                delta = request.get(timeout=QUEUE_POLL_S)
+                if delta is None:
+                    if (position := request.position) is not None and position != shown:
+                        shown = position
+                        yield Queued(position)
+                    continue
+                if delta.text:
+                    text.append(delta.text)
+                    yield TextDelta(delta.text)
+            stats = request.stats
+            code = request.error.code.value if request.error else None
+            turn = self._stats(plan, stats.generated_tokens, stats.ttft_s, stats.decode_tokens_per_s,
+                               request.finish_reason.value, code)
+            yield Finished(turn, self._message(turn, "".join(text)))
+        finally:
+            request.close()
+
+    def _stats(self, plan: Plan, generated: int, ttft: float, tps: float, reason: str,
+               code: str | None = None) -> TurnStats:
+        return TurnStats(prompt_tokens=plan.prompt_tokens, image_tokens=plan.image_tokens,
+                         generated_tokens=generated, ttft_s=ttft, decode_tokens_per_s=tps,
+                         context_used=plan.prompt_tokens + generated, context_len=plan.context_len,
+                         finish_reason=reason, error_code=code)
+
+    @staticmethod
+    def _message(stats: TurnStats, text: str) -> str | None:
+        if stats.finish_reason == "error":
+            words = ERRORS.get(ErrorCode(stats.error_code)) if stats.error_code else None
+            return (words or ERRORS[ErrorCode.ENGINE]).format(ctx=stats.context_len)
+        if stats.finish_reason in REASONS:
+            return REASONS[stats.finish_reason].format(n=stats.generated_tokens, ctx=stats.context_len)
+        if not text.strip():
+            return ("The model ended its reply at once, without any text. Try Retry (with a higher temperature), "
+                    "or rephrase the question.")
+        return None
