@@ -88,7 +88,7 @@ SPECS["tiny_onevision_max2"] = spec({**SPECS["tiny_onevision"].model, "vision_as
 
 # (height, width)
 SWEEP = [(1, 1), (7, 5), (336, 336), (640, 640), (1024, 1024), (200, 3000), (3000, 200), (1900, 120), (120, 1900),
-         (1080, 1920), (1920, 1080), (899, 1024), (333, 500), (500, 333), (144, 256),
+         (1080, 1920), (1920, 1080), (899, 1024), (333, 500), (500, 333), (144, 256), (1, 3000), (3000, 1),
          # where HF's round(..., 7) in unpadding changes the count (transformers #35775)
          (55, 176), (176, 198), (205, 656), (47, 423), (357, 1666)]
 SWEEP += [tuple(int(x) for x in hw) for hw in np.random.default_rng(7).integers(1, 2500, (5, 2))]
@@ -189,7 +189,10 @@ def test_readings(name, processors):
     for hw in SWEEP:
         rs = cfg.readings(hw)
         assert rs[0] == Reading(cfg.best_pinpoint(hw), cfg.num_image_tokens(hw))
-        assert rs[-1] == Reading(None, cfg.base_tokens) and rs[-1].base_only
+        if rs[0].tokens == cfg.base_tokens:  # no grid row survives unpadding: nothing cheaper to offer
+            assert len(rs) == 1 and rs[0].pinpoint is not None
+        else:
+            assert rs[-1] == Reading(None, cfg.base_tokens) and rs[-1].base_only
         assert cfg.num_image_tokens(hw, base_only=True) == cfg.base_tokens
         assert all(a.tokens > b.tokens for a, b in zip(rs, rs[1:]))
         assert len({r.pinpoint for r in rs}) == len(rs)
@@ -212,7 +215,7 @@ def test_readings_example():
 
 def test_select_best_resolution_ties_and_order():
     pins = [(30, 60), (60, 30), (60, 60)]
-    for hw in [(1, 1), (10, 10), (45, 45), (100, 7), (7, 100)]:
+    for hw in [(1, 1), (10, 10), (45, 45), (100, 7), (7, 100), (1, 3000), (3000, 1)]:  # last two: all fits 0 px
         assert select_best_resolution(hw, pins) == tuple(hf_select_best_resolution(hw, [list(p) for p in pins]))
 
 
@@ -223,6 +226,10 @@ def test_config_values_and_errors():
     # keys left out take the HF defaults of the family, here OneVision's own pinpoints and strategy
     bare = AnyresConfig.from_configs({}, {"image_processor_type": "LlavaOnevisionImageProcessor"})
     assert bare.pinpoints == ov.pinpoints and bare.max_tiles == 9 and bare.tile_processor.image_mean == tuple(CLIP_MEAN)
+    # a vision_config without model_type is the family's tower type, with that type's own HF defaults
+    partial = {"vision_config": {"image_size": 336, "patch_size": 14}}
+    assert AnyresConfig.from_configs(partial, SPECS["next"].preprocessor) == nxt
+    assert LlavaNextConfig(**partial).vision_config.model_type == "clip_vision_model"
     s = SPECS["next"]
     with pytest.raises(ValueError, match="image_processor_type"):
         AnyresConfig.from_configs(s.model, {**s.preprocessor, "image_processor_type": "CLIPImageProcessor"})

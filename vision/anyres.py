@@ -187,7 +187,9 @@ class AnyresConfig:
                              f"known: {sorted(FAMILIES)}")
         m = {**family.model_defaults, **model_config}
         p = {**family.processor_defaults, **processor_config}
-        vision = VisionConfig.from_dict({**family.model_defaults["vision_config"], **m["vision_config"]})
+        # As HF: a given vision_config takes its model_type's defaults (the family's tower only names the type).
+        default_tower = family.model_defaults["vision_config"]
+        vision = VisionConfig.from_dict({"model_type": default_tower["model_type"], **m["vision_config"]})
         # The grid is rebuilt from P * P features per tile: "default" must drop a CLS, "full" have none to keep.
         per_tile = tower_tokens(vision, m["vision_feature_select_strategy"])
         grid = vision.image_size // vision.patch_size
@@ -274,8 +276,9 @@ class AnyresConfig:
             tokens = self.num_image_tokens(image_hw, pinpoint)
             if not out or tokens < out[-1].tokens:
                 out.append(Reading(pinpoint, tokens))
-        base = Reading(None, self.base_tokens)
-        return [r for r in out if r.tokens > base.tokens] + [base] if out[0].tokens > base.tokens else out[:1]
+        if out[0].tokens <= self.base_tokens:
+            return out[:1]
+        return [r for r in out if r.tokens > self.base_tokens] + [Reading(None, self.base_tokens)]
 
     def _pinpoint(self, image_hw: Hw, pinpoint: Hw | None) -> Hw:
         if pinpoint is None:
