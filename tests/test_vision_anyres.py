@@ -303,7 +303,8 @@ def test_cuda_pixels_within_two_steps(name, hw):
     uint8 = pil_to_uint8(random_image(hw, seed=3))
     cpu, gpu = cfg.pixel_values(uint8), cfg.pixel_values(uint8.cuda())
     assert gpu.is_cuda and gpu.shape == cpu.shape
-    steps = (gpu.cpu() - cpu).abs() * 255 * min(cfg.tile_processor.image_std)  # in uint8 levels
+    std = torch.tensor(cfg.tile_processor.image_std)[:, None, None]
+    steps = (gpu.cpu() - cpu).abs() * 255 * std  # in uint8 levels
     assert steps.max().item() <= 2 + 1e-3
 
 
