@@ -6,7 +6,7 @@ static buffer; the output is cloned out of the graph's static buffer, since the 
 that were not captured run eagerly.
 
 `GraphedBatches` serves a varying number of independent rows (the tiles of anyres images): chunks of at most
-`max_rows` rows, each chunk replaying the graph captured, on first use, for its row count.
+`max_rows` rows, each chunk replaying the graph captured for its row count.
 """
 from __future__ import annotations
 
@@ -41,29 +41,25 @@ class GraphedForward:
 
 class GraphedBatches:
     """`fn` over (N, *row_shape) inputs whose rows do not interact (a vision tower over tiles), as CUDA-graph
-    replays of at most `max_rows` rows each: one graph per row count, captured when first needed.
+    replays of at most `max_rows` rows each: one graph per row count 1..max_rows, all captured here, at load, so
+    that serving never stops for a capture (which synchronizes the device).
 
     The graphs share one memory pool: they are replayed one after another on one stream, and each one's output is
-    cloned out before the next runs, so their intermediates may share memory. Capture happens on the calling thread;
-    call from one thread only (the engine loop), as for `GraphedForward`.
+    cloned out before the next runs, so their intermediates may share memory. Call from one thread only (the engine
+    loop), as for `GraphedForward`.
     """
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], row_shape: tuple[int, ...], dtype: torch.dtype,
                  device: torch.device, max_rows: int = 8):
         if max_rows < 1:
             raise ValueError("max_rows must be at least 1")
-        self.fn, self.row_shape, self.dtype, self.device = fn, tuple(row_shape), dtype, device
-        self.max_rows = max_rows
-        self.graphs: dict[int, GraphedForward] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        self.fn, self.row_shape, self.max_rows = fn, tuple(row_shape), max_rows
+        pool = torch.cuda.graph_pool_handle()
+        self.graphs = {n: GraphedForward(fn, (n, *self.row_shape), dtype, device, pool)
+                       for n in range(1, max_rows + 1)}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.row_shape:
             return self.fn(x)
-        outs = [self._graph(chunk.shape[0])(chunk) for chunk in x.split(self.max_rows)]
+        outs = [self.graphs[chunk.shape[0]](chunk) for chunk in x.split(self.max_rows)]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-    def _graph(self, rows: int) -> GraphedForward:
-        if rows not in self.graphs:
-            self.graphs[rows] = GraphedForward(self.fn, (rows, *self.row_shape), self.dtype, self.device, self.pool)
-        return self.graphs[rows]

@@ -12,7 +12,7 @@ prompt here (LLaVA-OneVision's does: engine.families.llava_onevision).
 
 Encoding, on the engine loop's thread: every tile of every image of a call goes through the tower and projector
 together, then each image's features are packed. On CUDA the pixels are made on the GPU from the decoded image and
-the tower runs as CUDA-graph replays of up to `GRAPH_TILES` tiles (one graph per tile count, captured on first use):
+the tower runs as CUDA-graph replays of up to `GRAPH_TILES` tiles (one graph per tile count, captured at load):
 one CLIP-L tile is ~300 small kernels, so for the usual 1-5 tiles launching them one by one costs as much as
 running them. On a CPU, plain passes of up to `CPU_TILES` tiles (a bound on activation memory, not on speed).
 
