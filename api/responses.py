@@ -58,7 +58,8 @@ class Shape:
 
 
 def _sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n"
 
 
 async def whole(shape: Shape, choices: list[Choice], error_of: ErrorOf) -> JSONResponse:

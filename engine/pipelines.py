@@ -70,8 +70,9 @@ class GenerationConfig:
 
 @dataclass
 class Response:
-    """One answer (or, from `stream_infer`, one piece of it). `generate_token_len` is the answer's length so far;
-    `finish_reason` ("stop", "length", "error", ...) is set on the last piece, with `error` saying why on errors."""
+    """One answer, or from `stream_infer` one piece of it. `generate_token_len` (tokens generated) and
+    `finish_reason` ("stop", "length", "context", "error", ...) come with the whole answer, or with its last
+    piece (0 and None before); `error` says why when the reason is "error"."""
 
     text: str
     generate_token_len: int
