@@ -48,7 +48,11 @@ class RemoteChatModel:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(headers=headers, trust_env=False, timeout=httpx.Timeout(
             READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S), limits=httpx.Limits(max_connections=None))
-        self.model, served_len = self._discover(model)
+        try:
+            self.model, served_len = self._discover(model)
+        except BackendError:
+            self.client.close()
+            raise
         self.counter = LocalCounter.load(tokenizer or self.model)
         self.context_len = served_len or (self.counter.context_len if self.counter else 0)
         self.intake_limits, self.capacity = intake_limits, capacity
@@ -69,6 +73,9 @@ class RemoteChatModel:
         """The served model's name and context length from /v1/models (vLLM, SGLang and ours give max_model_len)."""
         try:
             response = self.client.get(f"{self.base}/models", timeout=CONNECT_TIMEOUT_S)
+            if response.status_code in (401, 403):
+                raise BackendError(f"the model server at {self.base} refused the API key (HTTP "
+                                   f"{response.status_code}); check --backend-api-key")
             response.raise_for_status()
             cards = response.json().get("data") or []
         except (httpx.HTTPError, ValueError, AttributeError) as exc:
