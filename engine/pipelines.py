@@ -57,7 +57,9 @@ class GenerationConfig:
 
     def settings(self, choice: int) -> GenerationSettings:
         """The settings of the choice-th answer (seeds random_seed, random_seed + 1, ...)."""
-        seed = None if self.random_seed is None else (self.random_seed + choice) % (SEED_MAX + 1)
+        seed = self.random_seed
+        if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= SEED_MAX:  # else refused below
+            seed = (seed + choice) % (SEED_MAX + 1)
         try:
             return GenerationSettings(
                 max_new_tokens=self.max_new_tokens, temperature=self.temperature if self.do_sample else 0.0,
