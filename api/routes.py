@@ -27,7 +27,7 @@ from api.params import Params, parse
 from api.responses import Shape, streamed, whole
 from api.runs import Choice
 from engine.chat.chat_model import ChatModel
-from engine.chat.messages import image_sources, to_turns
+from engine.chat.messages import image_sources, is_data_uri, to_turns
 from engine.chat.types import ChatImage, Plan
 from engine.sampling_params import InvalidParameter
 from vision.intake import ImageError
@@ -35,6 +35,7 @@ from vision.intake import ImageError
 log = logging.getLogger("api")
 
 MAX_BODY_BYTES = 128 * 2**20  # a few 20 MB images as base64, and the text
+MAX_URL_IMAGES = 8  # image URLs fetched for one request (each up to the intake's byte cap)
 
 
 class OpenAIEndpoints:
@@ -72,6 +73,9 @@ class OpenAIEndpoints:
         messages = body.get("messages")
         try:
             sources = image_sources(messages)
+            if sum(not is_data_uri(s) for s in sources) > MAX_URL_IMAGES:
+                raise ApiError(400, f"At most {MAX_URL_IMAGES} image URLs are fetched per request; send the others "
+                               "as data: URIs.", param="messages", code="too_many_image_urls")
             names = [f"image {i + 1}" for i in range(len(sources))]
             data = await asyncio.gather(*(self.fetcher.load(s, n) for s, n in zip(sources, names)))
             system, turns = to_turns(messages, lambda source, i: ChatImage(data[i], names[i]))

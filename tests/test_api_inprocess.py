@@ -122,3 +122,10 @@ def test_body_and_json_errors(url):
     reply = httpx.post(f"{url}/completions", json={"model": "tiny", "prompt": [[1, 2, 3]]}, timeout=10)
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "prompt"
     assert httpx.get(f"{url}/models", timeout=10).json()["data"][0]["max_model_len"] > 0
+
+
+def test_image_urls_per_request_are_capped(url):
+    parts = [{"type": "image_url", "image_url": {"url": f"https://example.com/{i}.png"}} for i in range(9)]
+    reply = httpx.post(f"{url}/chat/completions", json={"model": "tiny", "messages": [
+        {"role": "user", "content": parts + [{"type": "text", "text": "?"}]}]}, timeout=10)
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "too_many_image_urls"

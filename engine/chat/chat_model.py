@@ -108,6 +108,8 @@ class ChatModel:
              max_image_tokens: int | None = None, fit: bool = True) -> Plan:
         """`fit=False`: change nothing (see the module docstring); then `max_new_tokens=None` means the rest of
         the context."""
+        if fit and max_new_tokens is None:
+            raise ValueError("max_new_tokens=None (the rest of the context) needs fit=False")
         notices: list[str] = []
         plan = Plan(turns=list(turns), system=system, max_new_tokens=max_new_tokens or 0,
                     context_len=self.context_len, notices=notices)

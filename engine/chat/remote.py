@@ -12,6 +12,7 @@ read) ends with the server's reason in plain words. `stream()` posts the convers
 """
 from __future__ import annotations
 
+import io
 import json
 import time
 import urllib.parse
@@ -19,6 +20,7 @@ from base64 import b64encode
 from typing import Iterator
 
 import httpx
+from PIL import Image
 
 from engine.chat.budget import FitImage, Item, fit
 from engine.chat.chat_model import ChatModel, refuse_unanswerable
@@ -136,7 +138,7 @@ class RemoteChatModel:
         if plan.error or plan.prepared is None:
             yield Finished(self._stats(plan, 0, 0.0, 0.0, "error", plan.error_code), plan.error or "Nothing to run.")
             return
-        started, first, generated, usage, reason = time.perf_counter(), None, 0, None, "stop"
+        started, first, generated, usage, reason = time.perf_counter(), None, 0, None, None
         text = []
         try:
             with self.client.stream("POST", f"{self.base}/chat/completions", json=self._body(plan, settings)) as r:
@@ -159,6 +161,11 @@ class RemoteChatModel:
             yield Finished(self._stats(plan, generated, 0.0, 0.0, "error", ErrorCode.ENGINE.value),
                            f"The model server at {self.host} could not be reached or stopped answering "
                            f"({type(exc).__name__}). The chat is kept; you can retry.")
+            return
+        if reason is None:
+            yield Finished(self._stats(plan, generated, 0.0, 0.0, "error", ErrorCode.ENGINE.value),
+                           f"The model server at {self.host} ended the reply without saying why (no finish reason). "
+                           "The chat is kept; you can retry.")
             return
         yield self._done(plan, usage, generated, started, first, reason, "".join(text))
 
@@ -251,10 +258,7 @@ def _messages(system: str, items: list[Item]) -> list[dict]:
 
 
 def _data_uri(data: bytes) -> str:
-    from PIL import Image  # the format for the MIME type, from the header only
-    import io
-
-    with Image.open(io.BytesIO(data)) as im:
+    with Image.open(io.BytesIO(data)) as im:  # the format, for the MIME type, from the header only
         mime = Image.MIME.get(im.format or "", "application/octet-stream")
     return f"data:{mime};base64,{b64encode(data).decode()}"
 
