@@ -12,6 +12,9 @@ and if the newest message alone still cannot fit, say so plainly with the number
 An image's readings are those for all the conversation's images as sent (a family may read an image differently
 when a prompt has several); leaving older images out keeps the others' readings, which stay real inputs of the
 model, never dearer than before.
+
+`measure` is the strict counterpart, for callers that must never change what they were sent (the HTTP API, the
+Python pipeline): the conversation as given, or an error with the numbers.
 """
 from __future__ import annotations
 
@@ -149,9 +152,26 @@ def fit(builder: PromptBuilder, system: str, items: list[Item], max_new_tokens: 
     return Fitted(items, prompt, max_new_tokens, fitter.notices)
 
 
-def _too_long(prompt: EncodedPrompt, context_len: int) -> str:
+def measure(builder: PromptBuilder, system: str, items: list[Item], max_new_tokens: int | None,
+            context_len: int) -> Fitted:
+    """No fitting: count the prompt as given; `max_new_tokens=None` takes the rest of the context. When prompt and
+    reply do not fit, `error` says so with the numbers (prompt tokens, max new tokens, context)."""
+    prompt = _encode(builder, system, items)
+    room = context_len - len(prompt.ids)
+    wanted = room if max_new_tokens is None else max_new_tokens
+    if wanted < 1 or wanted > room:
+        asked = f"{wanted:,} for the reply" if max_new_tokens is not None else "at least 1 for the reply"
+        return Fitted(items, prompt, wanted, [], f"This request needs {len(prompt.ids):,} prompt tokens"
+                      f"{_image_share(prompt)} and {asked}, but the model's context holds {context_len:,} tokens.")
+    return Fitted(items, prompt, wanted, [])
+
+
+def _image_share(prompt: EncodedPrompt) -> str:
     image_tokens = sum(prompt.image_lengths)
-    detail = f" ({image_tokens:,} of them for the image(s))" if image_tokens else ""
-    return (f"This message needs {len(prompt.ids):,} tokens{detail}, and the model's context holds "
+    return f" ({image_tokens:,} of them for the image(s))" if image_tokens else ""
+
+
+def _too_long(prompt: EncodedPrompt, context_len: int) -> str:
+    return (f"This message needs {len(prompt.ids):,} tokens{_image_share(prompt)}, and the model's context holds "
             f"{context_len:,} including at least {MIN_REPLY_TOKENS} for the reply. "
-            + ("Send fewer images at once, or shorten the text." if image_tokens else "Please shorten it."))
+            + ("Send fewer images at once, or shorten the text." if prompt.image_lengths else "Please shorten it."))

@@ -7,13 +7,19 @@ raises for user input: unreadable images become notices, a message that cannot b
 `stream()` submits the plan to the engine loop (which encodes the images, prefills and decodes) and yields
 `Queued` while the request waits, text deltas, and then exactly one `Finished`, whose message explains any ending
 but a normal stop in plain words chosen here from the engine's typed finish reasons and error codes; closing the
-stream aborts the request in the engine.
+stream aborts the request in the engine. `astream()` is the same for asyncio callers (the HTTP API, the pipeline),
+without `Queued`.
+
+`plan(..., fit=False)` is the strict mode of the HTTP API and the pipeline, which must never change what they were
+sent: any unreadable image, or a prompt and reply that do not fit, is `Plan.error` (with `error_code`, and the
+numbers) instead of a notice.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
-from engine.chat.budget import FitImage, Item, fit
+from engine.chat.budget import FitImage, Item, measure
+from engine.chat.budget import fit as _fit  # `fit` is also plan()'s switch
 from engine.chat.types import ChatTurn, Finished, GenerationSettings, Plan, Queued, TextDelta, TurnStats
 from engine.families import load_model
 from engine.families.base import LoadedModel
@@ -81,19 +87,25 @@ class ChatModel:
             image.readings = readings
             image.cap(max_image_tokens)
 
-    def _items(self, turns: list[ChatTurn], notices: list[str], max_image_tokens: int | None) -> list[Item]:
+    def _items(self, turns: list[ChatTurn], notices: list[str], max_image_tokens: int | None,
+               strict: bool = False) -> list[Item]:
+        """Decoded turns; an image that cannot be used is a notice, or, with `strict`, an ImageError."""
         items = []
         for index, turn in enumerate(turns):
             newest = index == len(turns) - 1
             decoded = []
             for image in turn.images:
                 if not self.sees_images:
+                    if strict:
+                        raise ImageError(f"{image.name} cannot be used: {self.name} reads text only.")
                     if newest:
                         notices.append(f"{image.name} was not used: this model reads text only.")
                     continue
                 try:
                     decoded.append(self._decode(image))
                 except ImageError as exc:
+                    if strict:
+                        raise
                     if newest:  # older ones were reported when they were sent
                         notices.append(f"{exc} It was left out.")
             items.append(Item(turn.role, turn.text, decoded))
@@ -101,29 +113,33 @@ class ChatModel:
             self._read([im for it in items for im in it.images], max_image_tokens)
         return items
 
-    def plan(self, system: str, turns: list[ChatTurn], max_new_tokens: int,
-             max_image_tokens: int | None = None) -> Plan:
+    def plan(self, system: str, turns: list[ChatTurn], max_new_tokens: int | None,
+             max_image_tokens: int | None = None, fit: bool = True) -> Plan:
+        """`fit=False`: change nothing (see the module docstring); then `max_new_tokens=None` means the rest of
+        the context."""
+        if fit and max_new_tokens is None:
+            raise ValueError("max_new_tokens=None (the rest of the context) needs fit=False")
         notices: list[str] = []
-        plan = Plan(turns=list(turns), system=system, max_new_tokens=max_new_tokens, context_len=self.context_len,
-                    notices=notices)
+        plan = Plan(turns=list(turns), system=system, max_new_tokens=max_new_tokens or 0,
+                    context_len=self.context_len, notices=notices)
         if not turns or turns[-1].role != "user":
-            plan.error = "There is no new message to answer."
+            return _refuse(plan, "There is no new message to answer.", ErrorCode.INVALID_PARAMETER)
+        try:
+            items = self._items(turns, notices, max_image_tokens, strict=not fit)
+        except ImageError as exc:
+            return _refuse(plan, str(exc), ErrorCode.BAD_IMAGE)
+        if refuse_unanswerable(plan, turns, items):
             return plan
-        items = self._items(turns, notices, max_image_tokens)
-        if turns[-1].images and not items[-1].images:
-            # Answering the text alone would read as if the pictures had been seen.
-            plan.error = ("None of the images in this message could be used, so it was not sent to the model. "
-                          + (notices.pop() if len(turns[-1].images) == 1 and notices else
-                             "See the notes above."))
-            return plan
-        if not items[-1].text.strip() and not items[-1].images:
-            plan.error = "Please type a message or add an image."
-            return plan
-        fitted = fit(self.loaded.prompt, system, items, max_new_tokens, self.context_len)
+        if fit:
+            fitted = _fit(self.loaded.prompt, system, items, max_new_tokens, self.context_len)
+        else:
+            fitted = measure(self.loaded.prompt, system, items, max_new_tokens, self.context_len)
         notices.extend(fitted.notices)
         if fitted.error:
-            plan.error = fitted.error
-            return plan
+            if fitted.prompt is not None:  # the numbers of a strict refusal
+                plan.prompt_tokens, plan.max_new_tokens = len(fitted.prompt.ids), fitted.max_new_tokens
+                plan.image_tokens = sum(fitted.prompt.image_lengths)
+            return _refuse(plan, fitted.error, ErrorCode.CONTEXT_EXCEEDED)
         images = [ImageInput(im.picture, im.digest, im.reading, im.name) for it in fitted.items for im in it.images]
         plan.prompt_tokens = len(fitted.prompt.ids)
         plan.image_tokens = sum(fitted.prompt.image_lengths)
@@ -151,10 +167,9 @@ class ChatModel:
 
     def stream(self, plan: Plan, settings: GenerationSettings) -> Iterator[TextDelta | Queued | Finished]:
         if plan.error or plan.prepared is None:
-            yield Finished(self._stats(plan, 0, 0.0, 0.0, "error"), plan.error or "Nothing to run.")
+            yield self._refused(plan)
             return
-        ids, spans = plan.prepared
-        request = self.server.submit(ids, settings.sampling_params(plan.max_new_tokens), spans)
+        request = self._submit(plan, settings)
         text, shown = [], None
         try:
             while request.finish_reason is None:
@@ -167,13 +182,40 @@ class ChatModel:
                 if delta.text:
                     text.append(delta.text)
                     yield TextDelta(delta.text)
-            stats = request.stats
-            code = request.error.code.value if request.error else None
-            turn = self._stats(plan, stats.generated_tokens, stats.ttft_s, stats.decode_tokens_per_s,
-                               request.finish_reason.value, code)
-            yield Finished(turn, self._message(turn, "".join(text)))
+            yield self._finished(plan, request, "".join(text))
         finally:
             request.close()
+
+    async def astream(self, plan: Plan, settings: GenerationSettings) -> AsyncIterator[TextDelta | Finished]:
+        """`stream` for an event loop: the request is submitted at the first `__anext__` (so callers that start
+        several tasks at once get them batched), and closing the generator aborts it."""
+        if plan.error or plan.prepared is None:
+            yield self._refused(plan)
+            return
+        request = self._submit(plan, settings)
+        text = []
+        try:
+            async for delta in request:
+                if delta.text:
+                    text.append(delta.text)
+                    yield TextDelta(delta.text)
+            yield self._finished(plan, request, "".join(text))
+        finally:
+            request.close()
+
+    def _refused(self, plan: Plan) -> Finished:
+        return Finished(self._stats(plan, 0, 0.0, 0.0, "error", plan.error_code), plan.error or "Nothing to run.")
+
+    def _submit(self, plan: Plan, settings: GenerationSettings):
+        ids, spans = plan.prepared
+        return self.server.submit(ids, settings.sampling_params(plan.max_new_tokens), spans)
+
+    def _finished(self, plan: Plan, request, text: str) -> Finished:
+        stats = request.stats
+        code = request.error.code.value if request.error else None
+        turn = self._stats(plan, stats.generated_tokens, stats.ttft_s, stats.decode_tokens_per_s,
+                           request.finish_reason.value, code)
+        return Finished(turn, self._message(turn, text))
 
     def _stats(self, plan: Plan, generated: int, ttft: float, tps: float, reason: str,
                code: str | None = None) -> TurnStats:
@@ -193,3 +235,22 @@ class ChatModel:
             return ("The model ended its reply at once, without any text. Try Retry (with a higher temperature), "
                     "or rephrase the question.")
         return None
+
+
+def refuse_unanswerable(plan: Plan, turns: list[ChatTurn], items: list[Item]) -> bool:
+    """The checks of every chat model before fitting (also engine.chat.remote's): sets `plan.error` and returns
+    True when the newest message cannot be sent."""
+    if turns[-1].images and not items[-1].images:
+        # Answering the text alone would read as if the pictures had been seen.
+        notices = plan.notices
+        _refuse(plan, "None of the images in this message could be used, so it was not sent to the model. "
+                + (notices.pop() if len(turns[-1].images) == 1 and notices else "See the notes above."),
+                ErrorCode.BAD_IMAGE)
+    elif not items[-1].text.strip() and not items[-1].images:
+        _refuse(plan, "Please type a message or add an image.", ErrorCode.INVALID_PARAMETER)
+    return plan.error is not None
+
+
+def _refuse(plan: Plan, error: str, code: ErrorCode) -> Plan:
+    plan.error, plan.error_code = error, code.value
+    return plan

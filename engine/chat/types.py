@@ -70,7 +70,8 @@ class Plan:
 
     `turns` is the conversation after fitting (images downscaled or dropped, old turns dropped); `notices` tells
     the user, in plain words, every change made to fit and every image that could not be used. `error` is set when
-    nothing can be run at all (then the UI shows it instead of a reply).
+    nothing can be run at all (then the UI shows it instead of a reply), and `error_code` says which kind it is
+    ("bad_image", "context_exceeded", "invalid_parameter": engine.paging.sequence.ErrorCode's values).
     """
 
     turns: list[ChatTurn]
@@ -81,6 +82,7 @@ class Plan:
     context_len: int = 0
     notices: list[str] = field(default_factory=list)
     error: str | None = None
+    error_code: str | None = None
     prepared: object = field(default=None, repr=False)  # the token ids and image spans, for ChatModel.stream
 
 

@@ -1,0 +1,129 @@
+"""OpenAI-style messages -> a system prompt and `ChatTurn`s: the one parser behind the HTTP API and the pipeline.
+
+A message is {"role", "content"}; content is a string or a list of parts: {"type": "text", "text"},
+{"type": "image_url", "image_url": {"url"}} (or the URL as a plain string), and {"type": "image", "image"} (the
+pipeline's: a path, a PIL image, bytes or a data URI). System and developer messages are joined into the system
+prompt; consecutive messages of one role become one turn (texts joined by a blank line, images in order), since
+chat templates expect the roles to alternate. Within a turn the images come before its text, as the UI sends them.
+
+Where an image's bytes come from is the caller's `load(source, position)`: the API decodes data URIs and fetches
+allowed URLs, the pipeline reads paths and PIL images. This module touches neither the network nor the disk.
+Malformed input raises `InvalidParameter("messages", ...)`; an unusable data URI raises `ImageError`.
+"""
+from __future__ import annotations
+
+import binascii
+import urllib.parse
+from typing import Any, Callable
+
+from engine.chat.types import ChatImage, ChatTurn
+from engine.sampling_params import InvalidParameter
+from vision.intake import ImageError
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+IMAGE_PARTS = {"image_url": "image_url", "image": "image"}  # part type -> the key that holds the image
+
+Loader = Callable[[Any, int], ChatImage]
+
+
+def _bad(message: str) -> InvalidParameter:
+    return InvalidParameter("messages", message)
+
+
+def _parts(message: Any, i: int) -> tuple[str, list]:
+    if not isinstance(message, dict):
+        raise _bad(f"messages[{i}] must be an object with 'role' and 'content'")
+    role = message.get("role")
+    if role not in ROLES:
+        raise _bad(f"messages[{i}]: role {role!r} is not supported (use system, developer, user or assistant)")
+    content = message.get("content")
+    if content is None and role == "assistant":
+        content = ""
+    if isinstance(content, str):
+        return ROLES[role], [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise _bad(f"messages[{i}].content must be a string or a list of content parts")
+    return ROLES[role], content
+
+
+def _image_source(part: dict, where: str) -> Any:
+    value = part.get(IMAGE_PARTS[part["type"]])
+    if isinstance(value, dict):
+        value = value.get("url")
+    if value is None or value == "":
+        raise _bad(f"{where}: the image part has no image")
+    return value
+
+
+def _split(part: Any, where: str) -> tuple[str | None, Any]:
+    """(text, None) or (None, image source)."""
+    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+        raise _bad(f"{where} must be an object with a 'type'")
+    kind = part["type"]
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise _bad(f"{where}.text must be a string")
+        return part["text"], None
+    if kind in IMAGE_PARTS:
+        return None, _image_source(part, where)
+    raise _bad(f"{where}: content parts of type {kind!r} are not supported (use text or image_url)")
+
+
+def image_sources(messages: Any) -> list[Any]:
+    """Every image source in the messages, in order (what `load` will be asked for, by position)."""
+    return [source for _, _, source in _walk(messages) if source is not None]
+
+
+def _walk(messages: Any):
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages must be a non-empty list")
+    for i, message in enumerate(messages):
+        role, parts = _parts(message, i)
+        for j, part in enumerate(parts):
+            text, source = _split(part, f"messages[{i}].content[{j}]")
+            if source is not None and role != "user":
+                raise _bad(f"messages[{i}]: images are read in user messages only")
+            yield role, text, source
+
+
+def to_turns(messages: Any, load: Loader) -> tuple[str, list[ChatTurn]]:
+    """(system prompt, turns). `load(source, position)` makes each image's ChatImage, position counting from 0."""
+    system: list[str] = []
+    groups: list[tuple[str, list[str], list[ChatImage]]] = []
+    position = 0
+    for role, text, source in _walk(messages):
+        if role == "system":
+            system.append(text or "")
+            continue
+        if not groups or groups[-1][0] != role:
+            groups.append((role, [], []))
+        if source is None:
+            groups[-1][1].append(text)
+        else:
+            groups[-1][2].append(load(source, position))
+            position += 1
+    turns = [ChatTurn(role, "\n\n".join(t for t in texts if t), tuple(images)) for role, texts, images in groups]
+    return "\n\n".join(s for s in system if s), turns
+
+
+def is_data_uri(source: Any) -> bool:
+    return isinstance(source, str) and source[:5].lower() == "data:"
+
+
+def decode_data_uri(uri: str, max_bytes: int, name: str = "image") -> bytes:
+    """The bytes of a `data:[<type>][;base64],<data>` URI, refused before decoding when over `max_bytes`."""
+    header, comma, payload = uri[5:].partition(",")
+    if not comma:
+        raise ImageError(f"{name} is not a valid data: URI (expected data:image/png;base64,...).")
+    base64 = header.lower().endswith(";base64")
+    estimate = len(payload) * 3 // 4 if base64 else len(payload) // 3  # a lower bound of the decoded size
+    if estimate > max_bytes:
+        raise ImageError(f"{name} is larger than {max_bytes / 2**20:.1f} MB, the limit. Please send a smaller "
+                         "or more compressed image.")
+    try:
+        data = binascii.a2b_base64(payload) if base64 else urllib.parse.unquote_to_bytes(payload)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageError(f"{name}: the data: URI's base64 could not be decoded ({exc}).") from exc
+    if len(data) > max_bytes:
+        raise ImageError(f"{name} is {len(data) / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.1f} MB.")
+    return data
