@@ -41,7 +41,13 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """A decoder-only language model (Llama / Qwen2 family), from a config.json or a llava `text_config`."""
+    """A decoder-only language model (Llama / Qwen2 / Mistral), from a config.json or a llava `text_config`.
+
+    `max_position_embeddings` is the longest context served. A model that attends through a sliding window
+    (Mistral's `sliding_window`; Qwen2's when `use_sliding_window`) gets it capped at the window: our attention is
+    full causal, which equals sliding-window attention exactly as long as no sequence is longer than the window.
+    llava-v1.6-mistral's window is null, so nothing is capped there.
+    """
 
     model_type: str
     vocab_size: int
@@ -72,6 +78,8 @@ class TextConfig:
         bias = d.get("attention_bias")
         eos = d.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        context = int(d.get("max_position_embeddings", 4096))
+        window = d.get("sliding_window") if d.get("use_sliding_window", True) else None
         return cls(
             model_type=d["model_type"],
             vocab_size=d["vocab_size"],
@@ -82,7 +90,7 @@ class TextConfig:
             num_key_value_heads=d.get("num_key_value_heads") or heads,
             head_dim=d.get("head_dim") or d["hidden_size"] // heads,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            max_position_embeddings=min(context, int(window)) if window else context,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias_default if bias is None else bool(bias),
             o_bias=False if bias is None else bool(bias),

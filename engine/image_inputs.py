@@ -1,9 +1,10 @@
 """The contract between a model family's image input side and the engine.
 
 Each family (engine/families/) implements `ImageInputs`: what an image costs in each way the model can read it
-(`readings`, from the image's size and the model's config alone, before anything is encoded), and how images
-become feature rows (`encode`, called on the engine loop's thread only, by engine.vision_stage). Token counting,
-tiling and feature packing of one family live together in its module.
+(`readings`, from the image's size and the model's config alone, before anything is encoded; `prompt_readings` for
+the images of one prompt together, where their number matters), and how images become feature rows (`encode`,
+called on the engine loop's thread only, by engine.vision_stage). Token counting, tiling and feature packing of one
+family live together in its module.
 
 Not here: decoding uploads (vision.intake, on the caller's thread), scheduling the encoding (engine.vision_stage).
 """
@@ -50,6 +51,11 @@ class ImageInputs:
     def readings(self, size: tuple[int, int]) -> list[Reading]:
         """Every way to read an image of `size` (width, height), most tokens first; the first is the model's own."""
         raise NotImplementedError
+
+    def prompt_readings(self, sizes: list[tuple[int, int]]) -> list[list[Reading]]:
+        """`readings` of each image of one prompt (the whole conversation), in order. What the chat layer calls: a
+        family whose model reads an image differently when its prompt holds several (LLaVA-OneVision) overrides it."""
+        return [self.readings(size) for size in sizes]
 
     def encode(self, images: list[ImageInput]) -> list[torch.Tensor]:
         """(T_i, hidden) feature rows per image, T_i == images[i].reading.tokens. Engine thread only."""

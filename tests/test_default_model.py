@@ -44,15 +44,19 @@ def test_default_answers_the_cat_question(model, cat_png):
 def test_follow_up_reuses_the_image_features_and_prefix(model, cat_png):
     first = ChatTurn("user", QUESTION, (ChatImage(cat_png, "chelsea.png"),))
     _, text, _ = reply(model, [first])
-    encoded = len(model.bundle.encoder.cache.items)
+    cache = model.loaded.engine.vision.cache
+    encoded = len(cache)
     plan, _, done = reply(model, [first, ChatTurn("assistant", text), ChatTurn("user", "Is it a pet?")])
-    assert len(model.bundle.encoder.cache.items) == encoded  # no re-encode
+    assert len(cache) == encoded  # no re-encode
     assert done.stats.finish_reason in ("stop", "length")
 
 
-def test_bad_image_becomes_a_notice_and_the_model_keeps_serving(model, cat_png):
-    plan = model.plan("", [ChatTurn("user", "hi", (ChatImage(b"not an image at all", "bad.png"),))], 16)
-    assert plan.error is None and any("bad.png" in n for n in plan.notices)
+def test_bad_image_is_not_answered_as_if_seen_and_the_model_keeps_serving(model, cat_png):
+    plan = model.plan("", [ChatTurn("user", "what is this?", (ChatImage(b"not an image at all", "bad.png"),))], 16)
+    assert plan.prepared is None and "bad.png" in plan.error and "not sent to the model" in plan.error
+    two = (ChatImage(b"not an image at all", "bad.png"), ChatImage(cat_png, "chelsea.png"))
+    plan = model.plan("", [ChatTurn("user", "what is this?", two)], 16)
+    assert plan.error is None and any("bad.png" in n for n in plan.notices) and plan.image_tokens > 0
     plan = model.plan("", [ChatTurn("user", "", (ChatImage(cat_png[:200], "cut.png"),))], 16)
     assert plan.error and "cut.png" in plan.error
     _, text, _ = reply(model, [ChatTurn("user", QUESTION, (ChatImage(cat_png, "chelsea.png"),))])

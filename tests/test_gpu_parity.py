@@ -25,10 +25,17 @@ def checkpoint(request, tmp_path_factory):
     return make_tiny_llava(tmp_path_factory.mktemp(request.param), request.param)
 
 
+def plan_with_features(bundle):
+    """The prompt and its image spans, with features from the model's own input side (the vision stage's work)."""
+    ids, spans = ChatModel(bundle).plan("", [ChatTurn("user", QUESTION, (ChatImage(random_png(), "x.png"),))],
+                                        48).prepared
+    feats = bundle.images.encode([s.source for s in spans])
+    return ids, tuple(dataclasses.replace(s, embeds=f) for s, f in zip(spans, feats))
+
+
 def cpu_plan(checkpoint):
     bundle = load_model(str(checkpoint), "cpu", "float32")
-    plan = ChatModel(bundle).plan("", [ChatTurn("user", QUESTION, (ChatImage(random_png(), "x.png"),))], 48)
-    return bundle, plan.prepared
+    return bundle, plan_with_features(bundle)
 
 
 def gpu_run(checkpoint, dtype, ids, spans):
@@ -58,9 +65,7 @@ def check(checkpoint, dtype, tol):
 def test_gpu_image_features_close_to_cpu(checkpoint):
     """GPU preprocessing (resize within 2/255 of the CPU's) and the CUDA-graphed tower, in fp32."""
     _, (_, spans) = cpu_plan(checkpoint)
-    bundle = load_model(str(checkpoint), "cuda", "float32")
-    plan = ChatModel(bundle).plan("", [ChatTurn("user", QUESTION, (ChatImage(random_png(), "x.png"),))], 48)
-    gpu = plan.prepared[1][0].embeds.float().cpu()
+    gpu = plan_with_features(load_model(str(checkpoint), "cuda", "float32"))[1][0].embeds.float().cpu()
     cpu = spans[0].embeds
     assert gpu.shape == cpu.shape
     assert ((gpu - cpu).norm() / cpu.norm()).item() < 0.05

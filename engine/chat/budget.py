@@ -9,6 +9,9 @@ gets, history, the reply's max new tokens) against the context. When it does not
    next turns, so their prompts start the same and the prefix cache reuses the KV of everything before;
 4. lower max new tokens for this reply;
 and if the newest message alone still cannot fit, say so plainly with the numbers. Every change is a notice.
+An image's readings are those for all the conversation's images as sent (a family may read an image differently
+when a prompt has several); leaving older images out keeps the others' readings, which stay real inputs of the
+model, never dearer than before.
 """
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ class FitImage:
         before = self.reading.tokens
         self.choice = next((i for i, r in enumerate(self.readings) if r.tokens <= max_tokens),
                            len(self.readings) - 1)
-        self.capped_from = before
+        if self.reading.tokens < before:  # a model with one reading reads it whatever the cap
+            self.capped_from = before
 
 
 @dataclass

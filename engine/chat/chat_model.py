@@ -1,7 +1,8 @@
 """The chat-facing model: plan a reply within the context, then stream it. What app.py and the CLI talk to.
 
 `plan()` runs on the caller's thread and does no model work: it decodes and checks the uploads (vision.intake),
-asks the family what each image costs in each reading, and fits the conversation (engine.chat.budget). It never
+asks the family what each image costs in each reading (for the conversation's images together: LLaVA-OneVision
+reads an image differently when there are several), and fits the conversation (engine.chat.budget). It never
 raises for user input: unreadable images become notices, a message that cannot be answered becomes `Plan.error`.
 `stream()` submits the plan to the engine loop (which encodes the images, prefills and decodes) and yields
 `Queued` while the request waits, text deltas, and then exactly one `Finished`, whose message explains any ending
@@ -68,11 +69,17 @@ class ChatModel:
     def sees_images(self) -> bool:
         return self.loaded.images is not None
 
-    def _fit_image(self, image, max_image_tokens: int | None) -> FitImage:
-        picture = load_image(image.data, image.name, self.intake_limits)
-        fitted = FitImage(image.name, image_digest(image.data), picture, self.loaded.images.readings(picture.size))
-        fitted.cap(max_image_tokens)
-        return fitted
+    def _decode(self, image) -> FitImage:
+        """The upload, decoded and checked (raises ImageError); its readings come from `_read`."""
+        return FitImage(image.name, image_digest(image.data), load_image(image.data, image.name, self.intake_limits),
+                        [])
+
+    def _read(self, images: list[FitImage], max_image_tokens: int | None) -> None:
+        """Each image's readings, for all the images of the prompt together (the family may read an image
+        differently when there are several), and the per-image cap."""
+        for image, readings in zip(images, self.loaded.images.prompt_readings([im.picture.size for im in images])):
+            image.readings = readings
+            image.cap(max_image_tokens)
 
     def _items(self, turns: list[ChatTurn], notices: list[str], max_image_tokens: int | None) -> list[Item]:
         items = []
@@ -85,11 +92,13 @@ class ChatModel:
                         notices.append(f"{image.name} was not used: this model reads text only.")
                     continue
                 try:
-                    decoded.append(self._fit_image(image, max_image_tokens))
+                    decoded.append(self._decode(image))
                 except ImageError as exc:
                     if newest:  # older ones were reported when they were sent
                         notices.append(f"{exc} It was left out.")
             items.append(Item(turn.role, turn.text, decoded))
+        if self.sees_images:
+            self._read([im for it in items for im in it.images], max_image_tokens)
         return items
 
     def plan(self, system: str, turns: list[ChatTurn], max_new_tokens: int,
@@ -132,7 +141,8 @@ class ChatModel:
         (ImageError included) for input that cannot run."""
         if images and not self.sees_images:
             raise ValueError(f"{self.name} reads text only: it cannot take images")
-        fitted = [self._fit_image(im, max_image_tokens) for im in images]
+        fitted = [self._decode(im) for im in images]
+        self._read(fitted, max_image_tokens)
         inputs = [ImageInput(im.picture, im.digest, im.reading, im.name) for im in fitted]
         prompt = self.loaded.prompt.encode(text, [im.reading.tokens for im in inputs])
         return Plan(turns=[], system="", prompt_tokens=len(prompt.ids), image_tokens=sum(prompt.image_lengths),

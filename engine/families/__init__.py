@@ -11,7 +11,7 @@ import torch
 
 from engine.checkpoints.reader import Checkpoint, ModelUnavailable
 from engine.config import EngineConfig
-from engine.families import embedded, llava, text_only
+from engine.families import embedded, llava, llava_next, llava_onevision, text_only
 from engine.families.base import LoadedModel
 
 DEFAULT = "default"  # the embedded offline model
@@ -19,6 +19,8 @@ HUB_DEFAULT = "llava-hf/llava-interleave-qwen-0.5b-hf"  # the README says why
 
 FAMILIES = {
     "LlavaForConditionalGeneration": llava.load,
+    "LlavaNextForConditionalGeneration": llava_next.load,
+    "LlavaOnevisionForConditionalGeneration": llava_onevision.load,
     "LlamaForCausalLM": text_only.load,
     "Qwen2ForCausalLM": text_only.load,
 }

@@ -3,7 +3,7 @@
 No package ships a trained vision-language model, so this family pairs two real trained models with a
 training-free projector: EfficientNet-Lite0's top ImageNet labels become a short sentence whose token embeddings
 (from the language model's own table) fill the image's placeholder positions, the same path a LLaVA projector takes.
-The sentence is padded with spaces to a fixed length (an upper bound over every class name), so an image's cost is
+The sentence is padded with newlines to a fixed length (an upper bound over every class name), so an image's cost is
 known before it is classified.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ def load(engine_cfg: EngineConfig) -> LoadedModel:
     engine = build_engine(ck, ck.config, ck.parts(TEXT_PREFIXES)["text"], tokenizer, engine_cfg)
     classifier = load_efficientnet_lite0(engine_cfg.device, torch.float32)
     labels = LabelProjector(classifier.class_names, encode, engine.embed_tokens, device=engine_cfg.device)
-    engine.attach_images(LabelImages(classifier, labels, encode(" ")[0], engine_cfg.device))
+    engine.attach_images(LabelImages(classifier, labels, encode("\n")[0], engine_cfg.device))
     prompt = PromptBuilder(tokenizer, chat_template(ck.path, tokenizer), IMAGE_TOKEN)
     description = (
         f"Runs offline on {engine_cfg.device} with no download. It is not a trained vision-language model: "

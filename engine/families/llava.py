@@ -9,6 +9,9 @@ buffer is never shared between threads.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
@@ -17,6 +20,7 @@ from engine.config import EngineConfig
 from engine.families.base import LoadedModel
 from engine.image_inputs import ImageInput, ImageInputs, Reading
 from engine.families.common import build_engine
+from engine.llm_engine import LLMEngine
 from engine.prompt import PromptBuilder
 from vision.preprocess import ImageProcessor, pil_to_uint8
 from vision.projector import MultiModalProjector, ProjectorConfig
@@ -84,16 +88,38 @@ def load_vision(ck: Checkpoint, full, parts: dict, text_hidden: int, device: tor
     return tower.eval(), projector.to(device=device, dtype=dtype).eval()
 
 
-def load(ck: Checkpoint, name: str, engine_cfg: EngineConfig) -> LoadedModel:
+@dataclass
+class LlavaParts:
+    """What every LLaVA-style family loads the same way: the language model's engine, the tower and projector on
+    its device and dtype, the prompt builder, and the checkpoint's config (HF defaults filled) and tensors."""
+
+    config: Any  # the transformers config of the checkpoint's architecture
+    parts: dict  # checkpoint tensors by part, as the family's PREFIXES split them
+    engine: LLMEngine
+    tower: torch.nn.Module
+    projector: torch.nn.Module
+    prompt: PromptBuilder
+
+    @property
+    def kind(self) -> str:
+        return f"{self.config.vision_config.model_type} + {self.config.text_config.model_type}"
+
+
+def load_parts(ck: Checkpoint, engine_cfg: EngineConfig, prefixes=PREFIXES) -> LlavaParts:
+    """The pieces of `ck`, its tensors split by `prefixes` (the family's PREFIXES); no image input side yet."""
     full = AutoConfig.from_pretrained(ck.path)  # fills the defaults a llava config.json leaves out
     text = full.text_config.to_dict()
     tokenizer = AutoTokenizer.from_pretrained(ck.path)
-    parts = ck.parts(PREFIXES)
+    parts = ck.parts(prefixes)
     engine = build_engine(ck, text, parts["text"], tokenizer, engine_cfg)
     tower, projector = load_vision(ck, full, parts, text["hidden_size"], engine.device, engine.dtype)
-    engine.attach_images(LlavaImages(ImageProcessor.from_dict(image_processor(ck)), tower, projector,
-                                     engine.device, engine.dtype))
     prompt = PromptBuilder(tokenizer, chat_template(ck.path, tokenizer),
                            tokenizer.convert_ids_to_tokens(full.image_token_id))
-    kind = f"{full.vision_config.model_type} + {text['model_type']}"
-    return LoadedModel(name, f"LLaVA checkpoint ({kind}) on {engine_cfg.device}.", engine, prompt)
+    return LlavaParts(full, parts, engine, tower, projector, prompt)
+
+
+def load(ck: Checkpoint, name: str, engine_cfg: EngineConfig) -> LoadedModel:
+    m = load_parts(ck, engine_cfg)
+    m.engine.attach_images(LlavaImages(ImageProcessor.from_dict(image_processor(ck)), m.tower, m.projector,
+                                       m.engine.device, m.engine.dtype))
+    return LoadedModel(name, f"LLaVA checkpoint ({m.kind}) on {engine_cfg.device}.", m.engine, m.prompt)

@@ -1,0 +1,44 @@
+"""Loading checkpoints: stop tokens from wherever the checkpoint keeps them (or nowhere), and the dtype policy."""
+import json
+
+import pytest
+
+from engine.chat import ChatImage, ChatModel, ChatTurn, GenerationSettings
+from engine.families import engine_config, load_model
+from tests.tiny_checkpoints import make_tiny_llava, random_png
+
+
+def test_a_checkpoint_with_no_eos_anywhere_loads_and_answers(tmp_path):
+    folder = make_tiny_llava(tmp_path / "noeos", "llama-clip")
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["eos_token_id"] = None  # explicit: LlamaConfig would fill in its default of 2
+    (folder / "config.json").write_text(json.dumps(config))
+    generation = json.loads((folder / "generation_config.json").read_text())
+    generation.pop("eos_token_id", None)
+    (folder / "generation_config.json").write_text(json.dumps(generation))
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = folder / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            data.pop("eos_token", None)
+            path.write_text(json.dumps(data))
+    loaded = load_model(str(folder), "cpu", "float32")
+    assert loaded.engine.eos_token_ids == frozenset()
+    model = ChatModel(loaded)
+    try:
+        plan = model.plan("", [ChatTurn("user", "Hi", (ChatImage(random_png(), "x.png"),))], 8)
+        events = list(model.stream(plan, GenerationSettings(max_new_tokens=8, temperature=0.0)))
+        assert events[-1].stats.finish_reason == "length" and events[-1].stats.generated_tokens == 8
+    finally:
+        model.close()
+
+
+def test_dtype_policy():
+    auto = engine_config("cpu", "auto")
+    assert auto.dtype == "float32" and auto.decode_weight_dtype == "bfloat16"
+    exact = engine_config("cpu", "float32")
+    assert exact.dtype == "float32" and exact.decode_weight_dtype is None
+    assert engine_config("cuda", "auto").dtype == "bfloat16"
+    assert engine_config("cpu", "bfloat16").dtype == "bfloat16"
+    with pytest.raises(ValueError):
+        engine_config("cpu", "int3")
