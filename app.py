@@ -1,26 +1,31 @@
 """The chat UI: drop in photos, talk about them, watch the reply stream in, with per-reply stats.
 
-This file is UI only. It turns Gradio's chat history into `vlm` turns, asks `vlm.ChatModel` for a plan and a
-stream of events, and renders them. It does NOT load weights itself, decode images, count tokens or schedule
-anything: that is `vlm` (and, below it, `engine/` and `vision/`, which this file never imports).
+This file is UI only. `build_demo(model)` builds the page around a loaded `engine.chat.ChatModel` (the handlers are
+closures over it; nothing here is module-level state), turns Gradio's chat history into chat turns, asks the model
+for a plan and a stream of events, and renders them. It does NOT load weights, decode images, count tokens or
+schedule anything: that is `engine.chat` (and, below it, the engine and `vision/`). Importing this file loads no
+model; `main()` does, from the command line:
+
+    python app.py [--model M] [--device D] [--dtype {auto,float32,bfloat16,float16}] [--host H] [--port P] [--share]
 
 Gradio's own ChatInterface supplies retry, undo, edit, copy, clear, stop and the streaming `/chat` API endpoint.
 
-    python app.py [--model M] [--device D] [--host H] [--port P] [--share]
-
 `/chat` API (gradio_client): `client.submit(message, max_new_tokens, temperature, top_p, top_k,
-repetition_penalty, system_prompt, seed, api_name="/chat")` where `message = {"text": str, "files":
-[handle_file(path), ...]}`. It streams `(reply, context_meter)`: `reply` is a list of assistant messages
-(`{"role", "content", "metadata"}`); the answer is the message without a `metadata.title`, notices, errors and the
-stats line are messages with one. Calls from one client share a conversation (Gradio keeps it per session).
+repetition_penalty, system_prompt, seed, max_image_tokens, api_name="/chat")` where `message = {"text": str,
+"files": [handle_file(path), ...]}`. It streams `(reply, context_meter)`: `reply` is a list of assistant messages
+(`{"role", "content", "metadata"}`); the answer is the message without a `metadata.title`, notices, errors, the
+queue position and the stats line are messages with one. Calls from one client share a conversation (Gradio keeps
+it per session).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -28,26 +33,32 @@ from typing import Any
 
 import gradio as gr
 
-from engine.chat import ChatModel
-from engine.chat.types import ChatImage, ChatTurn, Finished, GenerationSettings, TextDelta
+from engine.chat import CHAT_DEFAULTS, ChatImage, ChatModel, ChatTurn, Finished, GenerationSettings, Queued, TextDelta
+from engine.families import DTYPES
+from engine.sampling_params import SEED_MAX, InvalidParameter
 
 log = logging.getLogger("app")
 
 STREAM_INTERVAL_S = 0.05  # resend the growing reply at most every 50 ms: each update resends it whole (gradio#4092)
-CONCURRENT_CHATS = 4  # the engine batches requests; more than one chat at a time is the point of it
 QUEUE_MAX = 64  # beyond this, new requests are refused at once ("queue full") rather than waiting for minutes
 CACHE_CLEANUP = (600, 3600)  # every 10 min, delete uploads older than 1 h (Gradio's cache is readable by URL)
+CHAT_CONCURRENCY_ID = "chat"  # chats from the page (submit, retry, edit) and from /chat share one limit
+SPARE_THREADS = 8  # worker threads beyond the chats' own (each streaming chat holds one while it waits)
 
-FINISH_WORDS = {  # used only when the model gives no Finished.message of its own
-    "length": "Stopped at the max new tokens limit; raise it under Settings for a longer answer.",
-    "context": "Stopped because the conversation filled the model's context. Clear the chat or send fewer images.",
-    "abort": "Stopped before the answer was complete.",
-    "error": "The model failed while answering.",
+# The sentence a user reads when a setting cannot be used, by GenerationSettings field (InvalidParameter.param).
+SETTING_RULES = {
+    "max_new_tokens": "Max new tokens must be a whole number, 1 or more.",
+    "temperature": "Temperature must be a number, 0 or more (0 = greedy).",
+    "top_p": "Top-p must be a number above 0 and at most 1.",
+    "top_k": "Top-k must be a whole number, 0 or more (0 = off).",
+    "repetition_penalty": "Repetition penalty must be a number above 0.",
+    "seed": f"Seed must be a whole number from 0 to {SEED_MAX}, or -1 for a random seed.",
+    "max_image_tokens": "Max tokens per image must be a whole number, 0 or more (0 = the model's own reading).",
 }
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Gradio history -> vlm turns
+# Gradio history -> chat turns
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -167,38 +178,51 @@ def stats_line(stats) -> str:
     )
 
 
-def context_meter(used: int, limit: int, when: str) -> str:
-    if limit <= 0:
+def context_meter(stats) -> str:
+    """The context after the last reply: a bar, the total, and the part of it that the images take."""
+    if stats.context_len <= 0:
         return ""
-    share = min(1.0, used / limit)
+    share = min(1.0, stats.context_used / stats.context_len)
     filled = round(share * 20)
-    return f"**Context** `{'█' * filled}{'░' * (20 - filled)}` {used} / {limit} tokens ({share:.0%}) {when}"
+    images = f"{stats.image_tokens} of them for images" if stats.image_tokens else "no images"
+    return (f"**Context** `{'█' * filled}{'░' * (20 - filled)}` {stats.context_used} / {stats.context_len} tokens "
+            f"({share:.0%}) after the last reply · {images}")
+
+
+def queue_words(position: int) -> str:
+    """`Queued.position` counts the reply itself: 1 = next."""
+    if position <= 1:
+        return "Your reply is next in line; it starts as soon as the model has room."
+    return (f"Your reply is number {position} in line ({position - 1} ahead of it); it starts as soon as the "
+            "model has room.")
 
 
 @dataclass
 class Reply:
-    """One assistant reply as it grows: notices first (seen before the answer), the answer, then stats or errors."""
+    """One assistant reply as it grows: notices first (seen before the answer), the queue position while it waits,
+    the answer, then stats or errors."""
 
     notes: list[str] = field(default_factory=list)
+    waiting: str | None = None
     answer: str = ""
 
     def messages(self, *tail: dict) -> list[dict]:
         out = []
         if self.notes:
             out.append(_side_note("ℹ️ Note", "\n".join(f"- {n}" for n in self.notes)))
+        if self.waiting:
+            out.append(_side_note("⏳ Waiting for the model", self.waiting))
         if self.answer:
             out.append({"role": "assistant", "content": self.answer})
         return out + list(tail)
 
 
 def finish_notes(finished: Finished, answer: str) -> list[dict]:
-    stats = finished.stats
-    reason = finished.message
-    if not reason and stats.finish_reason != "stop":
-        reason = FINISH_WORDS.get(stats.finish_reason, f"Stopped ({stats.finish_reason}).")
+    """The stats line, with the model's reason for any ending but a normal stop (ChatModel words every one)."""
+    stats, reason = finished.stats, finished.message
     if not answer.strip():
-        why = reason or "the model ended its reply before writing anything."
-        return [_side_note("⚠️ No answer", f"Nothing was generated: {why}"), _side_note(stats_line(stats))]
+        why = reason or "The model ended its reply without any text."
+        return [_side_note("⚠️ No answer", why), _side_note(stats_line(stats))]
     return [_side_note(stats_line(stats), f"⚠️ {reason}" if reason else "")]
 
 
@@ -207,59 +231,110 @@ def finish_notes(finished: Finished, answer: str) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed) -> GenerationSettings:
+def _number(name: str, value: Any, whole: bool) -> int | float | None:
+    """A setting as it arrives (an int, a float, None for an emptied box, anything at all from the API) -> a
+    number, or None when empty; InvalidParameter (named for the setting) when it is not one."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidParameter(name, f"{name} is not a number")
+    if whole:
+        if isinstance(value, float) and not value.is_integer():  # NaN and infinities too
+            raise InvalidParameter(name, f"{name} is not a whole number")
+        return int(value)
+    return float(value)
+
+
+def read_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
+                  max_image_tokens) -> GenerationSettings:
+    """The reply's settings from the UI's values; raises InvalidParameter for any value that cannot be used.
+    Seed -1 or empty: random. Max tokens per image 0 or empty: the model's own reading."""
+    d = CHAT_DEFAULTS
+    seed = _number("seed", seed, whole=True)
+    cap = _number("max_image_tokens", max_image_tokens, whole=True)
+
+    def given(name, value, whole):
+        number = _number(name, value, whole)
+        return getattr(d, name) if number is None else number
+
     return GenerationSettings(
-        max_new_tokens=int(max_new_tokens),
-        temperature=float(temperature),
-        top_p=float(top_p),
-        top_k=int(top_k),
-        repetition_penalty=float(repetition_penalty),
-        seed=None if seed is None or int(seed) < 0 else int(seed),
+        max_new_tokens=given("max_new_tokens", max_new_tokens, True),
+        temperature=given("temperature", temperature, False),
+        top_p=given("top_p", top_p, False),
+        top_k=given("top_k", top_k, True),
+        repetition_penalty=given("repetition_penalty", repetition_penalty, False),
+        seed=None if seed in (None, -1) else seed,
+        max_image_tokens=None if cap in (None, 0) else cap,
     )
 
 
-def respond(
-    message: dict | str,
-    history: list[dict],
-    max_new_tokens: int = 512,
-    temperature: float = 0.7,
-    top_p: float = 0.9,
-    top_k: int = 50,
-    repetition_penalty: float = 1.1,
-    system_prompt: str = "",
-    seed: int = -1,
-) -> Iterator[tuple[list[dict], Any]]:
-    """Answers one chat message about the images in it and earlier in the chat; streams the reply."""
-    reply = Reply()
-    try:
-        settings = _settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
-        turns = history_to_turns(history, message, reply.notes)
-        if not turns[-1].text.strip() and not turns[-1].images:
-            nothing = _side_note("✍️ Nothing to answer", "Type a question or attach an image.")
-            yield reply.messages(nothing), gr.skip()
+def chat_handler(model) -> Callable[..., Iterator[tuple[list[dict], Any]]]:
+    """The chat function for `model`: Gradio calls it with the message, the history and the Settings' values."""
+
+    def respond(
+        message: dict | str,
+        history: list[dict],
+        max_new_tokens: int = CHAT_DEFAULTS.max_new_tokens,
+        temperature: float = CHAT_DEFAULTS.temperature,
+        top_p: float = CHAT_DEFAULTS.top_p,
+        top_k: int = CHAT_DEFAULTS.top_k,
+        repetition_penalty: float = CHAT_DEFAULTS.repetition_penalty,
+        system_prompt: str = "",
+        seed: int = -1,
+        max_image_tokens: int = 0,
+    ) -> Iterator[tuple[list[dict], Any]]:
+        """Answers one chat message about the images in it and earlier in the chat; streams the reply."""
+        reply = Reply()
+        try:
+            settings = read_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
+                                     max_image_tokens)
+        except InvalidParameter as exc:  # this user's setting; nothing was sent to the engine
+            rule = SETTING_RULES.get(exc.param, "A setting is out of range.")
+            fix = _side_note("⚠️ Check the settings", f"{rule} Change it under Settings and send again; "
+                                                      "the chat is kept.")
+            yield reply.messages(fix), gr.skip()
             return
-        plan = MODEL.plan(system_prompt or "", turns, settings.max_new_tokens)
-        reply.notes += plan.notices
-        if plan.error:
-            yield reply.messages(_side_note("⚠️ Could not answer", plan.error)), gr.skip()
-            return
-        if reply.notes:
-            yield reply.messages(), gr.skip()
-        yield from _stream_answer(plan, settings, reply)
-    except Exception as exc:  # noqa: BLE001 -- any failure becomes a chat message; history and server stay up
-        log.error("chat handler failed: %s", type(exc).__name__)  # never the user's text or images
-        detail = str(exc).strip() or type(exc).__name__
-        failure = _side_note("⚠️ Something went wrong", f"{detail}\n\nThe chat is kept; you can retry.")
-        yield reply.messages(failure), gr.skip()
+        try:
+            yield from _answer(model, message, history, str(system_prompt or ""), settings, reply)
+        except Exception as exc:  # noqa: BLE001 -- any failure becomes a chat message; history and server stay up
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            # One line: the error's type and where it was raised, never its message (it may quote the user's input).
+            log.error("chat handler failed: %s at %s:%d", type(exc).__name__, Path(where.filename).name, where.lineno)
+            failure = _side_note("⚠️ Something went wrong",
+                                 "The server could not answer this message. The chat is kept; you can retry.")
+            yield reply.messages(failure), gr.skip()
+
+    return respond
 
 
-def _stream_answer(plan, settings: GenerationSettings, reply: Reply) -> Iterator[tuple[list[dict], Any]]:
+def _answer(model, message, history, system: str, settings: GenerationSettings,
+            reply: Reply) -> Iterator[tuple[list[dict], Any]]:
+    turns = history_to_turns(history, message, reply.notes)
+    if not turns[-1].text.strip() and not turns[-1].images:
+        nothing = _side_note("✍️ Nothing to answer", "Type a question or attach an image.")
+        yield reply.messages(nothing), gr.skip()
+        return
+    plan = model.plan(system, turns, settings.max_new_tokens, settings.max_image_tokens)
+    reply.notes += plan.notices
+    if plan.error:
+        yield reply.messages(_side_note("⚠️ Could not answer", plan.error)), gr.skip()
+        return
+    if reply.notes:
+        yield reply.messages(), gr.skip()
+    yield from _stream_answer(model, plan, settings, reply)
+
+
+def _stream_answer(model, plan, settings: GenerationSettings, reply: Reply) -> Iterator[tuple[list[dict], Any]]:
     finished: Finished | None = None
     last_sent = 0.0
-    events = MODEL.stream(plan, settings)
+    events = model.stream(plan, settings)
     try:  # a Stop, Undo, Retry or closed tab closes this generator; `finally` then aborts the engine's work
         for event in events:
-            if isinstance(event, TextDelta):
+            if isinstance(event, Queued):
+                reply.waiting = queue_words(event.position)
+                yield reply.messages(), gr.skip()
+            elif isinstance(event, TextDelta):
+                reply.waiting = None
                 reply.answer += event.text
                 now = time.monotonic()
                 if reply.answer and now - last_sent >= STREAM_INTERVAL_S:
@@ -269,12 +344,11 @@ def _stream_answer(plan, settings: GenerationSettings, reply: Reply) -> Iterator
                 finished = event
     finally:
         events.close()
+    reply.waiting = None
     if finished is None:
         yield reply.messages(_side_note("⚠️ The reply ended without a reason from the model")), gr.skip()
         return
-    stats = finished.stats
-    meter = context_meter(stats.context_used, stats.context_len, "after the last reply")
-    yield reply.messages(*finish_notes(finished, reply.answer)), meter
+    yield reply.messages(*finish_notes(finished, reply.answer)), context_meter(finished.stats)
 
 
 def _on_gpu(fn):
@@ -286,19 +360,26 @@ def _on_gpu(fn):
     return spaces.GPU(duration=120)(fn)
 
 
-chat_fn = _on_gpu(respond)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Layout
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def setting_box(value: int, label: str, info: str, minimum: int, maximum: int | None = None) -> gr.Number:
+    """Gradio's Number box, its bounds shown in the page and the API docs, whose values all reach the chat handler:
+    `gr.Number.preprocess` refuses one out of range with a bare error and no reply, while the handler answers it in
+    the chat with a sentence (read_settings, SETTING_RULES). Set on the instance: a subclass would do the same,
+    but Gradio writes a .pyi stub beside the file of every Component subclass as it is defined."""
+    box = gr.Number(value, label=label, info=info, precision=0, minimum=minimum, maximum=maximum, render=False)
+    box.preprocess = lambda payload: payload
+    return box
 
 
 def header_markdown(model) -> str:
     limits = model.intake_limits
     return (
         f"## 🖼️ Chat about your photos\n"
-        f"**Model:** {model.name} · context {model.context_len} tokens\n\n"
+        f"**Model:** {model.name} · context {model.context_len} tokens · {model.capacity} replies at a time\n\n"
         f"{model.description}\n\n"
         f"<small>Drop, paste or attach images (up to {limits.max_bytes / 2**20:.0f} MB and "
         f"{limits.max_pixels / 1e6:.0f} megapixels each; several per message). "
@@ -306,52 +387,51 @@ def header_markdown(model) -> str:
     )
 
 
+def settings_inputs() -> list[gr.components.Component]:
+    """Unrendered, so that ChatInterface puts them in its Settings accordion under the chat; their order is the
+    order of `respond`'s parameters and of /chat's arguments."""
+    d = CHAT_DEFAULTS
+    return [
+        gr.Slider(1, 4096, value=d.max_new_tokens, step=1, label="Max new tokens", render=False),
+        gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="Temperature",
+                  info="0 = greedy (always the likeliest token)", render=False),
+        gr.Slider(0.05, 1.0, value=d.top_p, step=0.05, label="Top-p", render=False),
+        gr.Slider(0, 200, value=d.top_k, step=1, label="Top-k", info="0 = off", render=False),
+        gr.Slider(1.0, 2.0, value=d.repetition_penalty, step=0.05, label="Repetition penalty", render=False),
+        gr.Textbox("", label="System prompt", lines=2, placeholder="Optional, e.g. 'Answer in one sentence.'",
+                   render=False),
+        setting_box(-1, "Seed", minimum=-1, maximum=SEED_MAX,
+                    info="-1 = random. A fixed seed repeats the reply's random draws; its words repeat when it is "
+                         "computed the same way too: alone on the server, with the same part of the prompt cached"),
+        setting_box(0, "Max tokens per image", minimum=0,
+                    info="0 or empty = the model's own reading. Lower: a cheaper, less detailed reading of each "
+                         "image where the model has one, leaving more room for the conversation"),
+    ]
+
+
 def build_demo(model) -> gr.Blocks:
+    """The page for `model` (a ChatModel or anything with its interface); `model.capacity` replies run at once,
+    more wait in Gradio's queue, and within that the engine's own queue shows its positions in the chat."""
     with gr.Blocks(title="Chat about your photos", analytics_enabled=False, fill_height=True,
                    delete_cache=CACHE_CLEANUP) as blocks:
         gr.Markdown(header_markdown(model))
         meter = gr.Markdown("", label="Context", elem_id="context-meter", render=False)
-        chatbot = gr.Chatbot(
-            elem_id="chatbot",
-            label="Chat",
-            editable="user",
-            buttons=["copy", "copy_all"],
-            placeholder="Drop a photo below and ask about it.",
-            height=520,
-            scale=1,
-        )
+        chatbot = gr.Chatbot(elem_id="chatbot", label="Chat", editable="user", buttons=["copy", "copy_all"],
+                             placeholder="Drop a photo below and ask about it.", height=520, scale=1)
         textbox = gr.MultimodalTextbox(
-            elem_id="chat-input",
-            file_types=["image"],
-            file_count="multiple",
-            sources=["upload"],
+            elem_id="chat-input", file_types=["image"], file_count="multiple", sources=["upload"],
             placeholder="Ask about an image: drop, paste or attach photos, then press Enter…",
-            autofocus=True,
-            submit_btn=True,
-            stop_btn=True,
-        )
-        settings = [  # unrendered, so that ChatInterface puts them in its Settings accordion under the chat
-            gr.Slider(1, 4096, value=512, step=1, label="Max new tokens", render=False),
-            gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature",
-                      info="0 = greedy (always the likeliest token)", render=False),
-            gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p", render=False),
-            gr.Slider(0, 200, value=50, step=1, label="Top-k", info="0 = off", render=False),
-            gr.Slider(1.0, 2.0, value=1.1, step=0.05, label="Repetition penalty", render=False),
-            gr.Textbox("", label="System prompt", lines=2, placeholder="Optional, e.g. 'Answer in one sentence.'",
-                       render=False),
-            gr.Number(-1, label="Seed", precision=0, minimum=-1,
-                      info="-1 = random; any other value repeats a reply exactly", render=False),
-        ]
+            autofocus=True, submit_btn=True, stop_btn=True)
         chat = gr.ChatInterface(
-            chat_fn,
+            _on_gpu(chat_handler(model)),
             multimodal=True,
             chatbot=chatbot,
             textbox=textbox,
-            additional_inputs=settings,
+            additional_inputs=settings_inputs(),
             additional_inputs_accordion=gr.Accordion("Settings", open=False, render=False),
             additional_outputs=[meter],
             editable=True,
-            concurrency_limit=CONCURRENT_CHATS,
+            concurrency_limit=model.capacity,
             api_name="chat",
             api_description="Answer a message (text + image files) in this session's conversation; streams the reply.",
             analytics_enabled=False,
@@ -359,37 +439,82 @@ def build_demo(model) -> gr.Blocks:
         )
         meter.render()
         chat.chatbot.clear(lambda: "", None, meter, api_visibility="undocumented", queue=False)
-    for block_fn in blocks.fns.values():  # chats from the page and from /chat share one limit, not one each
-        if block_fn.concurrency_limit == CONCURRENT_CHATS:
-            block_fn.concurrency_id = "chat"
+    for block_fn in blocks.fns.values():  # ChatInterface registers one handler per trigger, each wrapping chat.fn
+        if getattr(block_fn.fn, "__wrapped__", None) is chat.fn:
+            block_fn.concurrency_id = CHAT_CONCURRENCY_ID
     blocks.queue(max_size=QUEUE_MAX)
     return blocks
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+# ---------------------------------------------------------------------------------------------------------------
+# Gradio's own logs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _OneLineTracebacks:
+    """Stands in for the `traceback` module inside gradio's request paths (gradio 6.31: queueing.py and routes.py
+    call `traceback.print_exc()` when a request fails or is refused). A full traceback's last line is the error's
+    message, which quotes the request ("Received inputs: [{'text': ..." for a call with too few values, the value
+    itself for one a component refuses); this writes one line naming the error's type instead."""
+
+    def __getattr__(self, name: str):
+        return getattr(traceback, name)
+
+    @staticmethod
+    def print_exc(*_args, **_kwargs) -> None:
+        exc = sys.exc_info()[1]
+        logging.getLogger("gradio").warning("a request was refused or failed (%s); its inputs are not logged",
+                                            type(exc).__name__)
+
+
+def keep_user_data_out_of_gradio_logs() -> None:
+    """Gradio prints tracebacks of failed requests straight to stderr, not through `logging`: swap the module it
+    prints them with in the two files that do it for requests."""
+    from gradio import queueing, routes
+
+    for module in (queueing, routes):
+        module.traceback = _OneLineTracebacks()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Chat about images with a small vision-language model.")
     parser.add_argument("--model", default=None, help="model id or path (default: LLaVA if the Hub is reachable, "
-                        "else the embedded offline model)")
-    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: the best available)")
+                        "else the embedded offline model; 'default' forces the embedded one)")
+    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="auto: bf16 on CUDA; on a CPU fp32 prefill with bf16 weight copies for decode steps "
+                             "(fastest by measurement); float32: fp32 everywhere")
     parser.add_argument("--host", default=None, help="address to listen on (default: Gradio's, 127.0.0.1 locally)")
     parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860)")
     parser.add_argument("--share", action="store_true", help="also open a public *.gradio.live link (off by default)")
     return parser.parse_args(argv)
 
 
-if gr.NO_RELOAD:  # `gradio app.py` re-runs this file on edits; load the model only once
-    ARGS = parse_args(sys.argv[1:] if __name__ == "__main__" else [])
-    MODEL = ChatModel.load(ARGS.model, ARGS.device)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup checks, one line per request
+    keep_user_data_out_of_gradio_logs()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops like Ctrl-C: the engine is closed
+    model = ChatModel.load(args.model, args.device, args.dtype)
+    try:
+        build_demo(model).launch(
+            server_name=args.host,
+            server_port=args.port,
+            share=args.share,
+            max_file_size=model.intake_limits.max_bytes,
+            max_threads=max(40, model.capacity + SPARE_THREADS),
+            show_error=False,
+            run_history=False,  # Gradio 6 records each run for a history page by default
+        )
+    finally:
+        model.close()
 
-demo = build_demo(MODEL)
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup checks, one line per request
-    demo.launch(
-        server_name=ARGS.host,
-        server_port=ARGS.port,
-        share=ARGS.share,
-        max_file_size=MODEL.intake_limits.max_bytes,
-        show_error=False,
-    )
+    main()

@@ -38,8 +38,8 @@ def browser():
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory, browser):
-    with running_app(tmp_path_factory.mktemp("app_logs")) as url:
-        yield url
+    with running_app(tmp_path_factory.mktemp("app_logs")) as server:
+        yield server.url
 
 
 @pytest.fixture
@@ -166,3 +166,25 @@ def test_stop_ends_the_reply_and_the_chat_goes_on(page):
         assert time.monotonic() < deadline, "no reply after Stop: the server stopped serving"
         time.sleep(0.1)
 
+
+
+def test_an_invalid_seed_is_answered_in_the_chat_and_a_valid_one_works(page):
+    page.locator("button.label-wrap", has_text="Settings").first.click()
+    seed = page.get_by_role("spinbutton", name="Seed", exact=True)
+    seed.wait_for(state="visible")
+    seed.fill("1e20")  # past the box's maximum (the engine's SEED_MAX): the page sends it, the chat answers it
+    page.fill("#chat-input textarea", "Say hello in one word.")
+    page.press("#chat-input textarea", "Enter")
+    page.wait_for_selector(f"{STATS}:has-text('Check the settings')", timeout=60_000)
+    note = page.locator(TITLED).last.inner_text()
+    assert "Seed must be a whole number from 0 to" in note and "Error" not in page.inner_text("body"), note
+    wait_until_idle(page)
+
+    seed.fill("42")
+    page.fill("#chat-input textarea", "Say hello in one word.")
+    page.press("#chat-input textarea", "Enter")
+    deadline = time.monotonic() + REPLY_TIMEOUT_MS / 1000
+    while not stats_lines(page):
+        assert time.monotonic() < deadline, "no reply once the seed was valid"
+        time.sleep(0.1)
+    assert page.locator("#chatbot [data-testid='user']").count() == 2  # the chat was kept

@@ -1,8 +1,8 @@
 """Runs the real `python app.py` on a free localhost port for the end-to-end tests, and makes their test images.
 
 Shared by tests/test_app_client.py and tests/test_app_browser.py. The server loads the embedded default model
-offline (its first load converts a GGUF, so starting can take a minute); the log goes to a file whose tail is
-shown when the server fails to come up.
+offline (its first load converts a GGUF, so starting can take a minute); its log (stdout and stderr) goes to a
+file that tests read, and whose tail is shown when the server fails to come up.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,15 +32,25 @@ def _log_tail(path: Path, chars: int = 4000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
 
 
+@dataclass(frozen=True)
+class Server:
+    url: str
+    log_path: Path  # the app's stdout and stderr together
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
 @contextlib.contextmanager
-def running_app(log_dir: Path):
-    """Starts app.py, waits until it serves its page, yields its URL, and always stops it afterwards."""
+def running_app(log_dir: Path, *args: str):
+    """Starts `python app.py *args`, waits until it serves its page, yields a `Server`, and always stops it
+    afterwards (SIGTERM: the app closes its engine and exits)."""
     port = free_port()
     log_path = log_dir / f"app_{port}.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
                PYTHONUNBUFFERED="1")
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--host", "127.0.0.1"],
+        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--host", "127.0.0.1", *args],
                                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -56,7 +67,7 @@ def running_app(log_dir: Path):
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(1)
-        yield url
+        yield Server(url, log_path)
     finally:
         proc.terminate()
         try:
