@@ -482,9 +482,11 @@ def keep_user_data_out_of_gradio_logs() -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Chat about images with a small vision-language model.")
+    parser = argparse.ArgumentParser(description="Chat about images with a small vision-language model; the same "
+                                                 "port serves an OpenAI-compatible API under /v1.")
     parser.add_argument("--model", default=None, help="model id or path (default: LLaVA if the Hub is reachable, "
-                        "else the embedded offline model; 'default' forces the embedded one)")
+                        "else the embedded offline model; 'default' forces the embedded one); with --backend, a "
+                        "local copy of the served checkpoint, for exact fitting")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="auto: bf16 on CUDA; on a CPU fp32 prefill with bf16 weight copies for decode steps "
@@ -492,7 +494,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default=None, help="address to listen on (default: Gradio's, 127.0.0.1 locally)")
     parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860)")
     parser.add_argument("--share", action="store_true", help="also open a public *.gradio.live link (off by default)")
-    return parser.parse_args(argv)
+    api = parser.add_argument_group("OpenAI-compatible API (under /v1, beside the UI)")
+    api.add_argument("--headless", action="store_true", help="serve the API alone, no UI")
+    api.add_argument("--no-api", action="store_true", help="serve the UI alone")
+    api.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 request")
+    api.add_argument("--served-model-name", default=None, help="the name API clients send as `model`")
+    api.add_argument("--allowed-media-domains", nargs="*", default=[],
+                     help="hosts whose http(s) image URLs the API may fetch (data: URIs are always accepted)")
+    remote = parser.add_argument_group("remote backend (the UI in front of any OpenAI-compatible server)")
+    remote.add_argument("--backend", default=None, help="answer through this server, e.g. http://router:8000/v1")
+    remote.add_argument("--backend-api-key", default=None)
+    remote.add_argument("--backend-model", default=None, help="the model name to ask the backend for")
+    args = parser.parse_args(argv)
+    if args.backend and args.headless:
+        parser.error("--headless serves a local model's API; with --backend there is nothing to serve")
+    return args
+
+
+def load(args: argparse.Namespace):
+    """The model the page (and the API) talk to: a local engine, or a remote OpenAI-compatible server."""
+    if args.backend:
+        from engine.chat.remote import RemoteChatModel
+
+        return RemoteChatModel(args.backend, args.backend_api_key, args.backend_model, tokenizer=args.model)
+    return ChatModel.load(args.model, args.device, args.dtype)
+
+
+def api_routes(model, args: argparse.Namespace) -> list:
+    """The /v1 routes over the same model as the page, so API and UI requests are batched together."""
+    from api import openai_router
+
+    name = args.served_model_name or args.model or model.name
+    aliases = [a for a in (args.model, model.name) if a and a != name]
+    return openai_router(model, name, args.api_key, args.allowed_media_domains, aliases).routes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -501,8 +535,16 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup checks, one line per request
     keep_user_data_out_of_gradio_logs()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops like Ctrl-C: the engine is closed
-    model = ChatModel.load(args.model, args.device, args.dtype)
+    model = load(args)
+    serve_api = not (args.no_api or args.backend)
     try:
+        if args.headless:
+            import uvicorn
+            from fastapi import FastAPI
+
+            uvicorn.run(FastAPI(routes=api_routes(model, args)), host=args.host or "127.0.0.1",
+                        port=args.port or 7860, log_level="warning", access_log=False)
+            return
         build_demo(model).launch(
             server_name=args.host,
             server_port=args.port,
@@ -511,10 +553,10 @@ def main(argv: list[str] | None = None) -> None:
             max_threads=max(40, model.capacity + SPARE_THREADS),
             show_error=False,
             run_history=False,  # Gradio 6 records each run for a history page by default
+            app_kwargs={"routes": api_routes(model, args)} if serve_api else None,
         )
     finally:
         model.close()
-
 
 if __name__ == "__main__":
     main()
