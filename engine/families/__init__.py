@@ -15,7 +15,7 @@ from engine.families import embedded, llava, llava_next, llava_onevision, text_o
 from engine.families.base import LoadedModel
 
 DEFAULT = "default"  # the embedded offline model
-HUB_DEFAULT = "llava-hf/llava-interleave-qwen-0.5b-hf"  # the README says why
+HUB_DEFAULT = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"  # the README says why
 
 FAMILIES = {
     "LlavaForConditionalGeneration": llava.load,
