@@ -105,6 +105,16 @@ class TextConfig:
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
 
 
+# Per-step token budgets by device type (`EngineConfig.max_num_batched_tokens`). CUDA: the prefill CUDA graphs' cap,
+# so a chunk with a few decode rows still replays a graph, one image and a question (600-800 tokens) still prefill in
+# one step, and a 7B step with a full chunk costs a few decode steps, not a whole long prompt's prefill. CPU: a step
+# of 128 prompt tokens deep into a 6,000-token prompt takes ~1 s for the 135M default on one core (attention over the
+# context is half of it), so a chat decoding meanwhile keeps about a token a second instead of none for ~45 s; the
+# long prompt's own TTFT does not suffer (bench/results/stall_cpu.txt: 256 halves the few steps' overhead and doubles
+# the stall).
+DEFAULT_STEP_TOKENS = {"cuda": 1024, "cpu": 128}
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How the engine runs a model. Defaults suit one GPU or a laptop CPU; every field is explicit."""
@@ -113,7 +123,12 @@ class EngineConfig:
     dtype: str = "float32"  # "float32", "bfloat16", "float16"
     block_size: int = 16
     max_num_seqs: int = 32
-    max_num_batched_tokens: int = 8192
+    # The per-step token budget (chunked prefill; vLLM's name and meaning): a step computes the next token of every
+    # decoding sequence, then prompt chunks in what is left, so a prompt longer than that is prefilled over several
+    # steps while every other chat still gets a token in each. It bounds how much one long message slows the others
+    # (each step costs about as much as this many prompt tokens); smaller costs the long prompt more steps' overhead.
+    # None: `DEFAULT_STEP_TOKENS` for the device (the comment there says why), and never below max_num_seqs.
+    max_num_batched_tokens: int | None = None
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     kv_cache_fraction: float = 0.85  # of free accelerator memory after weights (like LMDeploy's cache_max_entry_count)
     kv_cache_cpu_bytes: int = 1 << 30  # KV budget on CPU
@@ -139,6 +154,9 @@ class EngineConfig:
     feature_cache_size: int = 64
 
     def __post_init__(self):
+        if self.max_num_batched_tokens is None:  # resolved once, here: the only write after construction
+            default = DEFAULT_STEP_TOKENS.get(self.device.split(":")[0], DEFAULT_STEP_TOKENS["cpu"])
+            object.__setattr__(self, "max_num_batched_tokens", max(default, self.max_num_seqs))
         if self.max_images_per_step < 1 or self.feature_cache_size < 0:
             raise ValueError("max_images_per_step must be >= 1 and feature_cache_size >= 0")
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -149,7 +167,8 @@ class EngineConfig:
             raise ValueError("block_size must be a power of two")
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError("kv_cache_fraction must be in (0, 1]")
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_seqs must be positive and max_num_batched_tokens at least max_num_seqs (a step "
+                             "holds one token of every decoding sequence)")
         if self.cuda_graph_prefill_tokens < 0 or self.cuda_graph_prefill_seqs < 1:
             raise ValueError("cuda_graph_prefill_tokens must be >= 0 and cuda_graph_prefill_seqs >= 1")

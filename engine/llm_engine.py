@@ -1,16 +1,18 @@
 """The engine: requests in, tokens and text deltas out, one scheduled step at a time.
 
 `LLMEngine` owns the model runner, the scheduler and block manager, and one incremental detokenizer per request.
-`step()` runs one prefill batch or one decode step and reports, for each sequence touched, the new text and whether
-(and why) it finished. `generate()` runs a list of requests to completion (like LMDeploy's pipeline given a list of
+`step()` runs one scheduled step (every decoding request's next token, plus prompt chunks within the per-step token
+budget, engine/paging/scheduler.py) and reports, for each sequence that got a token, the new text and whether (and
+why) it finished. `generate()` runs a list of requests to completion (like LMDeploy's pipeline given a list of
 prompts). Threads and streaming to many clients live in engine/serving.py.
 
 Overlap (`EngineConfig.overlap_decode`, like SGLang's overlap scheduler and vLLM's async scheduling): a decode step
 is left in flight when `step()` returns. The next `step()` first launches the following decode step, whose input ids
 are the in-flight step's sampled tokens, still on the device, and only then waits for those tokens and does the
 host's work (append, detokenize, stop checks, finishing). So during steady decode the GPU runs step N+1 while the host
-handles step N. Whenever that is not safe (a request waiting to be admitted, no room for the extra KV slot, nothing
-left that surely continues), the step in flight is resolved first and scheduling goes on as without overlap.
+handles step N. Whenever that is not safe (a request waiting to be admitted, a prompt being prefilled in chunks, no
+room for the extra KV slot, nothing left that surely continues), the step in flight is resolved first and scheduling
+goes on as without overlap; a step with prompt chunks is resolved at once.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from engine.checkpoints.loader import build_text_model
 from engine.runtime.model_runner import LaunchedStep, ModelRunner
 from engine.models.decoder import add_lowp_copies
 from engine.sampling_params import SamplingParams
-from engine.paging.scheduler import Scheduler
+from engine.paging.scheduler import Batch, Chunk, Scheduler
 from engine.paging.sequence import EngineError, ErrorCode, FinishReason, ImageSpan, Sequence
 from engine.vision_stage import VisionStage
 from kernels import HAS_TRITON, load_ops
@@ -78,7 +80,7 @@ class LLMEngine:
         self.detokenizers: dict[int, IncrementalDetokenizer | NoDetokenizer] = {}
         self.inflight: LaunchedStep | None = None  # a decode step launched and not yet resolved (overlap only)
         self.vision: VisionStage | None = None  # set by `attach_images` for a model that reads images
-        self._attempt: list[Sequence] = []  # the requests in the steps being launched or resolved (`recover`)
+        self._attempt: list[Chunk] = []  # the work of the steps being launched or resolved (`recover`)
 
     def attach_images(self, images: ImageInputs) -> None:
         """Pair the language model with a family's image input side; its encoding runs as a stage of `step`."""
@@ -127,10 +129,16 @@ class LLMEngine:
         """After a step raised: the requests in it (and in the step in flight) go back to the queue to be
         recomputed, each marked suspect; other running requests go on. The scheduler prefills suspects one at a
         time, so a request that makes steps fail goes on to fail by itself; one that was in `MAX_SUSPECT` failed
-        steps is finished with ERROR (code ENGINE). Returns those finished."""
+        steps is finished with ERROR (code ENGINE). The prefix-cache keys of the blocks those steps were to complete
+        are dropped: their KV may never have been written. Returns those finished."""
         attempt, self._attempt, self.inflight = self._attempt, [], None
+        starts: dict[Sequence, int] = {}
+        for chunk in attempt:
+            if not chunk.seq.is_finished:
+                starts[chunk.seq] = min(starts.get(chunk.seq, chunk.start), chunk.start)
         failed = []
-        for seq in reversed(list(dict.fromkeys(s for s in attempt if not s.is_finished))):  # requeue keeps order
+        for seq in reversed(list(starts)):  # requeue keeps order
+            self.blocks.unkey_from(seq, starts[seq])
             seq.suspect += 1
             if seq.suspect >= MAX_SUSPECT:
                 self.scheduler.finish(seq, FinishReason.ERROR, EngineError(ErrorCode.ENGINE, detail))
@@ -167,33 +175,33 @@ class LLMEngine:
         """Launch the next step, then resolve the one before it; outputs of the step(s) resolved.
 
         Steady decode with overlap: launch step N+1 on the device tokens of step N, then resolve N. Otherwise:
-        resolve the step in flight (if any), schedule, launch, and resolve a prefill (or, without overlap, any step)
-        at once; a decode step is left in flight for the next call.
+        resolve the step in flight (if any), schedule, launch, and resolve a step with prompt chunks (or, without
+        overlap, any step) at once; a decode step is left in flight for the next call.
         """
-        self._attempt = [] if self.inflight is None else list(self.inflight.seqs)
+        self._attempt = [] if self.inflight is None else list(self.inflight.batch.chunks)
         encoded = self._encode_images()
         if self.inflight is not None:
             ahead = self.scheduler.schedule_ahead(self.inflight.seqs)
-            if ahead:
+            if ahead.chunks:
                 return encoded + self._step_ahead(ahead)
         outputs = encoded + self._resolve_inflight()
-        seqs, is_prefill = self.scheduler.schedule()
-        if not seqs:
+        batch = self.scheduler.schedule()
+        if not batch.chunks:
             return outputs
-        self._attempt += seqs
-        launched = self.runner.launch(seqs, is_prefill)
-        if is_prefill or not self.cfg.overlap_decode:
+        self._attempt += batch.chunks
+        launched = self.runner.launch(batch)
+        if not batch.is_decode or not self.cfg.overlap_decode:
             return outputs + self._resolve(launched)
         self.inflight = launched
         return outputs
 
-    def _step_ahead(self, seqs: list[Sequence]) -> list[StepOutput]:
-        """Launch a decode step for `seqs` fed by the step in flight, then resolve that one."""
+    def _step_ahead(self, batch: Batch) -> list[StepOutput]:
+        """Launch a decode step fed by the step in flight, then resolve that one."""
         prev = self.inflight
-        self._attempt += seqs
-        self.inflight = self.runner.launch(seqs, False, after=prev)
+        self._attempt += batch.chunks
+        self.inflight = self.runner.launch(batch, after=prev)
         outputs = self._resolve(prev)
-        for seq in seqs:
+        for seq in batch.seqs:
             if not seq.is_finished:
                 # Its newest token is now known, and the step just launched writes that token's KV: the block it
                 # completes can be keyed, as `append_slot` does before a step that is not launched ahead.
@@ -205,7 +213,8 @@ class LLMEngine:
         return [] if step is None else self._resolve(step)
 
     def _resolve(self, step: LaunchedStep) -> list[StepOutput]:
-        """Wait for a step's tokens and apply them. A sequence finished meanwhile (aborted) gets nothing."""
+        """Wait for a step's tokens and apply them to the sequences that sampled (a chunk inside its prompt gets
+        nothing). A sequence finished meanwhile (aborted) gets nothing."""
         tokens = step.token_ids()
         return [self._advance(seq, tok) for seq, tok in zip(step.seqs, tokens) if not seq.is_finished]
 

@@ -1,4 +1,4 @@
-"""Shared test setup: no network, a device fixture, and skip rules for GPU-only tests."""
+"""Shared test setup: no network, a device fixture, skip rules for GPU-only tests, and the tiny language model."""
 import os
 
 import pytest
@@ -41,3 +41,12 @@ def poison_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    """A 2-layer random Llama saved and loaded back (tests/tiny_checkpoints.make_tiny_lm): (TextConfig, weights,
+    tokenizer). Modules that define their own `tiny_lm` shadow this one."""
+    from tests.tiny_checkpoints import make_tiny_lm
+
+    return make_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))

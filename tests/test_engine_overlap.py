@@ -37,9 +37,9 @@ def count_launches_ahead(engine: LLMEngine) -> list[int]:
     """Wraps the runner's launch; the returned list counts launches fed by a step in flight."""
     counter, launch = [0], engine.runner.launch
 
-    def spy(seqs, is_prefill, after=None):
+    def spy(batch, after=None):
         counter[0] += after is not None
-        return launch(seqs, is_prefill, after)
+        return launch(batch, after)
 
     engine.runner.launch = spy
     return counter
@@ -108,8 +108,8 @@ def test_next_step_is_launched_before_the_previous_tokens_are_read(tiny_lm):
     engine = make_engine(tiny_lm, True)
     log, launch = [], engine.runner.launch
 
-    def spy(seqs, is_prefill, after=None):
-        step = launch(seqs, is_prefill, after)
+    def spy(batch, after=None):
+        step = launch(batch, after)
         n = sum(1 for e in log if e[0] == "launch")
         log.append(("launch", n))
         read = step.token_ids
@@ -161,10 +161,10 @@ def test_recover_retries_the_failed_step_alone_then_fails_a_repeat_offender(tiny
     assert engine.recover("test failure") == []
     assert engine.inflight is None and all(s.suspect == 1 and not s.is_finished for s in seqs)
     assert list(engine.scheduler.waiting) == seqs
-    batch, is_prefill = engine.scheduler.schedule()
-    assert is_prefill and batch == seqs[:1]  # suspects are prefilled alone
-    engine.runner.launch(batch, True)  # this step "fails" too:
-    engine._attempt = batch
+    batch = engine.scheduler.schedule()
+    assert batch.seqs == seqs[:1] and not batch.is_decode  # suspects are prefilled alone
+    engine.runner.launch(batch)  # this step "fails" too:
+    engine._attempt = batch.chunks
     failed = engine.recover("test failure")
     assert failed == seqs[:1] and seqs[0].finish_reason is FinishReason.ERROR
     assert seqs[0].error.code is ErrorCode.ENGINE
@@ -236,7 +236,7 @@ def decoding(sched: Scheduler, *seqs: Sequence) -> None:
     sched.schedule()
     for s in seqs:
         s.append(1)  # the prefill's token
-    assert sched.schedule()[0] == list(seqs)  # the decode step now in flight
+    assert sched.schedule().seqs == list(seqs)  # the decode step now in flight
 
 
 def test_schedule_ahead_reserves_the_pending_slot_and_skips_sequences_at_a_limit():
@@ -246,10 +246,10 @@ def test_schedule_ahead_reserves_the_pending_slot_and_skips_sequences_at_a_limit
     b = Sequence([5, 6], SamplingParams(max_new_tokens=2))  # its pending token is its last: it ends there
     decoding(sched, a, b)
     blocks_before = len(a.block_table)
-    assert sched.schedule_ahead([a, b]) == [a]
+    assert sched.schedule_ahead([a, b]).seqs == [a]
     assert len(a.block_table) == blocks_before + 1  # position 4 (the pending token) opens a second block
     sched.abort(a)
-    assert sched.schedule_ahead([a, b]) == []  # aborted: nothing left that surely continues
+    assert not sched.schedule_ahead([a, b]).chunks  # aborted: nothing left that surely continues
 
 
 def test_schedule_ahead_waits_for_admissions_and_for_blocks():
@@ -257,9 +257,9 @@ def test_schedule_ahead_waits_for_admissions_and_for_blocks():
     sched = Scheduler(bm, 8, 100, max_model_len=64)
     a, b = Sequence([1, 2, 3], SamplingParams()), Sequence([4, 5, 6], SamplingParams())
     decoding(sched, a, b)
-    assert bm.num_free == 1 and sched.schedule_ahead([a, b]) == []  # both need a block at position 4: one is free
+    assert bm.num_free == 1 and not sched.schedule_ahead([a, b]).chunks  # both need a block at position 4: one is free
     assert len(a.block_table) == len(b.block_table) == 1  # nothing reserved on a refusal
     sched.finish(b, FinishReason.STOP)
     sched.add(Sequence([7, 8], SamplingParams()))
-    assert sched.can_admit() and sched.schedule_ahead([a]) == []  # a newcomer fits: it goes first
-    assert sched.schedule()[1]  # ... as a prefill
+    assert sched.can_admit() and not sched.schedule_ahead([a]).chunks  # a newcomer fits: it goes first
+    assert not sched.schedule().is_decode  # ... with its prompt

@@ -57,10 +57,10 @@ def run_prefill_logits(engine, ids, spans):
     """All-position logits of one prefill through the engine's own runner."""
     seq = engine.add_request(ids, SamplingParams(max_new_tokens=1), spans)
     assert engine.vision.run([seq]) == [] and seq.images_ready  # the engine's vision stage, run here by hand
-    batch, is_prefill = engine.scheduler.schedule()
-    assert is_prefill and batch == [seq]
+    batch = engine.scheduler.schedule()
+    assert [(c.seq, c.start, c.end) for c in batch.chunks] == [(seq, 0, len(ids))]  # the whole prompt, one step
     with torch.inference_mode():
-        embeds, positions, md = engine.runner.prepare_prefill(batch)
+        embeds, positions, md = engine.runner.prepare_prefill(batch.chunks)
         logits = engine.model.logits(engine.model(embeds, positions, engine.runner.cos_sin, md))
     engine.abort(seq)
     return logits
@@ -97,6 +97,31 @@ def test_greedy_48_tokens_match(checkpoint, image_bytes):
     assert ours.token_ids == theirs
     tokenizer = bundle.engine.tokenizer
     assert ours.text == tokenizer.decode(theirs, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_chunk_boundary_inside_the_image_span_gives_the_same_tokens(checkpoint, image_bytes, overlap):
+    """Chunked prefill with a chunk ending in the middle of the image's placeholders: the next chunk splices the
+    rest of its features, and the greedy tokens equal a prefill of the whole prompt in one step."""
+    whole = load_model(str(checkpoint), "cpu", "float32", overlap_decode=overlap)
+    ids, spans = our_plan(ChatModel(whole), image_bytes).prepared
+    span = spans[0]
+    budget = span.offset + span.length // 2  # the first chunk stops half-way through the image
+    chunked = load_model(str(checkpoint), "cpu", "float32", overlap_decode=overlap, max_num_seqs=2,
+                         max_num_batched_tokens=budget)
+    assert whole.engine.cfg.max_num_batched_tokens >= len(ids) > budget
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    want = whole.engine.generate([ids], params, [spans])[0]
+    starts, launch = [], chunked.engine.runner.launch
+
+    def spy(batch, after=None):
+        starts.extend(c.start for c in batch.chunks)
+        return launch(batch, after)
+
+    chunked.engine.runner.launch = spy
+    got = chunked.engine.generate([ids], params, [spans])[0]
+    assert got.token_ids == want.token_ids and got.text == want.text
+    assert span.offset < budget == starts[1] < span.offset + span.length
 
 
 class RecordingSampler:

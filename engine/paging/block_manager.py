@@ -67,19 +67,20 @@ class BlockManager:
         return self.num_free >= seq.num_blocks(self.block_size)
 
     def allocate(self, seq: Sequence) -> None:
-        """Give a waiting sequence blocks for its whole prompt, reusing cached prefix blocks."""
+        """Give a waiting sequence blocks for its whole prompt, reusing cached prefix blocks. The new blocks get
+        keys only as the steps that compute them are scheduled (`register_full_blocks`), so a prefix hit never finds
+        a block whose KV a later chunk has yet to compute."""
         assert not seq.block_table
         prev, hit_run = None, self.prefix_caching
         for i in range(seq.num_blocks(self.block_size)):
             tokens = seq.block_tokens(i, self.block_size)
-            full = len(tokens) == self.block_size
-            key = self._key(seq, i, prev) if full else None
-            cached = self._lookup(key, tokens) if (hit_run and full) else None
+            cached = None
+            if hit_run and len(tokens) == self.block_size:
+                prev = self._key(seq, i, prev)
+                cached = self._lookup(prev, tokens)
             if cached is None:
                 hit_run = False
                 block = self._take()
-                if full and self.prefix_caching:
-                    self._register(block, key, tokens)
             else:
                 if cached.ref_count == 0:
                     self.free_ids.remove(cached.block_id)
@@ -87,9 +88,9 @@ class BlockManager:
                 block = cached
                 seq.num_cached_tokens += self.block_size
             seq.block_table.append(block.block_id)
-            prev = key
         # The last prompt token is always recomputed: its logits start the reply.
         seq.num_cached_tokens = min(seq.num_cached_tokens, len(seq) - 1)
+        seq.num_computed_tokens = seq.num_cached_tokens
 
     def free(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):
@@ -98,7 +99,7 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free_ids.append(block_id)
         seq.block_table = []
-        seq.num_cached_tokens = 0
+        seq.num_cached_tokens = seq.num_computed_tokens = 0
 
     def needs_block(self, seq: Sequence, ahead: int = 0) -> bool:
         """Whether the next decode step needs a fresh block: it writes the KV of the newest token (position
@@ -123,17 +124,33 @@ class BlockManager:
             seq.block_table.append(self._take().block_id)
 
     def register_full_block(self, seq: Sequence) -> None:
-        """If the newest token completes a block, key the block for later prefixes. Called once a step that writes
-        that token's KV is queued: a keyed block must never lack KV that a later prefix hit would read."""
-        if not self.prefix_caching or len(seq) % self.block_size:
+        """If the newest token completes a block, key the block for later prefixes (`register_full_blocks`)."""
+        self.register_full_blocks(seq, len(seq) - 1, len(seq))
+
+    def register_full_blocks(self, seq: Sequence, start: int, end: int) -> None:
+        """Key the blocks that positions [start, end) complete, for later prefixes. Called once the step that
+        computes those positions' KV is scheduled: a keyed block must never lack KV that a later prefix hit would
+        read (a sequence admitted later in the same step may hit it: each layer writes the step's KV before it
+        attends). Only an unbroken chain of keys from block 0 is extended."""
+        if not self.prefix_caching:
             return
-        i = len(seq) // self.block_size - 1
-        block = self.blocks[seq.block_table[i]]
-        prev = self.blocks[seq.block_table[i - 1]].key if i > 0 else None
-        if block.key is None and (i == 0 or prev is not None):  # only extend an unbroken chain
-            key = self._key(seq, i, prev)
-            if key not in self.key_to_block:
-                self._register(block, key, seq.block_tokens(i, self.block_size))
+        for i in range(start // self.block_size, min(end, len(seq)) // self.block_size):
+            block = self.blocks[seq.block_table[i]]
+            prev = self.blocks[seq.block_table[i - 1]].key if i > 0 else None
+            if block.key is None and (i == 0 or prev is not None):
+                key = self._key(seq, i, prev)
+                if key not in self.key_to_block:
+                    self._register(block, key, seq.block_tokens(i, self.block_size))
+
+    def unkey_from(self, seq: Sequence, position: int) -> None:
+        """Forget the keys of the sequence's blocks from the one holding `position` on: a step that failed may have
+        left their KV unwritten (engine.llm_engine.LLMEngine.recover). Earlier blocks were computed by steps that
+        succeeded, or found in the cache."""
+        for block_id in seq.block_table[position // self.block_size:]:
+            block = self.blocks[block_id]
+            if block.key is not None and self.key_to_block.get(block.key) == block_id:
+                del self.key_to_block[block.key]
+            block.key, block.token_ids = None, ()
 
     def slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

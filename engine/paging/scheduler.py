@@ -1,17 +1,68 @@
-"""Decides what runs in the next step: a batch of prefills, or one decode token for every running sequence.
+"""Decides what runs in the next step: the next token of every decoding sequence, then prompt chunks within a
+per-step token budget (chunked prefill).
 
-Pure Python. Admission is by free KV blocks, so a request that cannot fit waits instead of crashing the server;
-when decoding runs out of blocks the newest sequence is preempted (its blocks freed, its tokens kept) and
-recomputed later, which the prefix cache makes cheap. `schedule_ahead` picks the decode step that the engine may
-launch while the previous one is still on the device (overlap), and says no where the tokens of that one are needed
-first: a request to admit, or a preemption to decide.
+Pure Python. A step computes at most `max_num_batched_tokens` tokens: first the newest token of each decoding
+sequence, then the next chunk of the prompts already being prefilled (oldest first), then new admissions, each as
+much of its prompt as the budget has left. So a long prompt is prefilled over several steps and every other chat
+still gets a token in each of them: it slows them by a bounded factor instead of freezing them. A sequence samples a
+token only in the step whose chunk reaches its end; earlier chunks sample nothing.
+
+Admission is by free KV blocks for the whole prompt, allocated at once, so a prefill that has started never waits for
+blocks. When decoding runs out of blocks the newest sequence is preempted (its blocks freed, its tokens kept, its
+prefill progress dropped) and recomputed later, which the prefix cache makes cheap: the blocks its chunks completed
+keep their keys. `schedule_ahead` picks the decode step that the engine may launch while the previous one is still
+on the device (overlap), and says no where the tokens of that one are needed first: a request to admit, a prompt
+still being prefilled, or a preemption to decide. Execution (which kernels, CUDA graphs) is engine/runtime's.
 """
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass, field
 
 from engine.paging.block_manager import BlockManager
 from engine.paging.sequence import EngineError, ErrorCode, FinishReason, Sequence, Status
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Positions [start, end) of `seq` whose KV one step computes. `samples`: the chunk reaches the sequence's end,
+    so the step samples its next token from the chunk's last row."""
+
+    seq: Sequence
+    start: int
+    end: int
+    samples: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class Batch:
+    """One step's work: chunks in row order. Empty when nothing can run."""
+
+    chunks: list[Chunk] = field(default_factory=list)
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        return [c.seq for c in self.chunks]
+
+    @property
+    def sampling(self) -> list[Sequence]:
+        """The sequences that get a token from this step, in row order."""
+        return [c.seq for c in self.chunks if c.samples]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_decode(self) -> bool:
+        """Every chunk is one token that samples and is no image placeholder: the step can run as a decode step
+        (one token id per sequence: the decode CUDA graphs, and launched ahead under overlap)."""
+        return bool(self.chunks) and all(c.samples and c.num_tokens == 1 and not c.seq.in_image(c.start)
+                                         for c in self.chunks)
 
 
 class Scheduler:
@@ -49,37 +100,60 @@ class Scheduler:
             return FinishReason.CONTEXT
         return None
 
-    def _admissible(self, seq: Sequence, batch: list[Sequence]) -> bool:
-        """The head-of-queue test of `schedule`: room for one more sequence, its images encoded, its blocks free.
-        A suspect (in a step that failed, engine.llm_engine) is prefilled alone, so it can only fail by itself."""
-        return (len(self.running) + len(batch) < self.max_num_seqs and seq.images_ready
-                and not (batch and (seq.suspect or batch[0].suspect)) and self.blocks.can_allocate(seq))
+    def _admissible(self, seq: Sequence) -> bool:
+        """The head-of-queue test: room for one more sequence, its images encoded, blocks for its whole prompt."""
+        return len(self.running) < self.max_num_seqs and seq.images_ready and self.blocks.can_allocate(seq)
 
     def can_admit(self) -> bool:
         """Whether `schedule` would start a prefill now."""
-        return bool(self.waiting) and self._admissible(self.waiting[0], [])
+        return bool(self.waiting) and self._admissible(self.waiting[0])
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        """Returns (sequences, is_prefill)."""
-        batch, tokens = [], 0
-        while self.waiting:
-            seq = self.waiting[0]
-            new_tokens = len(seq) - seq.num_cached_tokens
-            if batch and tokens + new_tokens > self.max_num_batched_tokens:
-                break
-            if not self._admissible(seq, batch):
-                break
-            self.blocks.allocate(seq)
-            tokens += len(seq) - seq.num_cached_tokens
-            seq.status = Status.RUNNING
-            batch.append(self.waiting.popleft())
-        if batch:
-            self.running.extend(batch)
-            return batch, True
+    def _admit(self) -> Sequence:
+        seq = self.waiting.popleft()
+        self.blocks.allocate(seq)
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        return seq
 
-        batch = []
+    def _chunk(self, seq: Sequence, budget: int) -> Chunk:
+        """The next `budget` tokens at most of what the sequence has left to compute, counted as computed now."""
+        start = seq.num_computed_tokens
+        end = min(len(seq), start + budget)
+        seq.num_computed_tokens = end
+        self.blocks.register_full_blocks(seq, start, end)
+        return Chunk(seq, start, end, end == len(seq))
+
+    def _next_prompt(self) -> Sequence | None:
+        """Whose prompt chunk comes first: the oldest running sequence still prefilling, else the queue's head if it
+        can be admitted."""
+        seq = next((s for s in self.running if s.num_uncomputed_tokens > 1), None)
+        return seq if seq is not None or not self.can_admit() else self.waiting[0]
+
+    def schedule(self) -> Batch:
+        """The next step: one token for every decoding sequence (preempting the newest while blocks run out), then
+        prompt chunks in the budget left. A suspect (in a step that failed, engine.llm_engine) is prefilled alone, so
+        it can only fail by itself: while its prompt is next in line, its chunks are whole steps."""
+        head = self._next_prompt()
+        if head is not None and head.suspect:
+            if head.status is Status.WAITING:
+                self._admit()
+            return Batch([self._chunk(head, self.max_num_batched_tokens)])
+        batch = Batch()
+        self._schedule_decodes(batch)
+        budget = self.max_num_batched_tokens - len(batch.chunks)
+        for seq in [s for s in self.running if s.num_uncomputed_tokens > 1]:  # prompts under way, oldest first
+            if budget <= 0 or seq.suspect:
+                return batch
+            batch.chunks.append(self._chunk(seq, budget))
+            budget -= batch.chunks[-1].num_tokens
+        while budget > 0 and self.can_admit() and not self.waiting[0].suspect:
+            batch.chunks.append(self._chunk(self._admit(), budget))
+            budget -= batch.chunks[-1].num_tokens
+        return batch
+
+    def _schedule_decodes(self, batch: Batch) -> None:
         for seq in list(self.running):
-            if seq not in self.running:  # preempted below in this loop
+            if seq not in self.running or seq.num_uncomputed_tokens != 1:  # preempted below, or prefilling
                 continue
             while not self.blocks.can_append(seq):
                 victim = self.running[-1]
@@ -88,27 +162,30 @@ class Scheduler:
                     break
             else:
                 self.blocks.append_slot(seq)
-                batch.append(seq)
-        return batch, False
+                batch.chunks.append(self._chunk(seq, 1))
 
-    def schedule_ahead(self, in_flight: list[Sequence]) -> list[Sequence]:
+    def schedule_ahead(self, in_flight: list[Sequence]) -> Batch:
         """The next decode step, chosen while the step `in_flight` is still sampling one token for each of its
-        sequences; [] when it must wait for those tokens and go through `schedule`.
+        sequences; empty when it must wait for those tokens and go through `schedule`.
 
         The batch is every sequence of `in_flight` that surely still runs once its pending token is appended: not
         finished or aborted, and not reaching max_new_tokens or the context with that token, which is known
         without its value. One that stops on EOS or a stop string anyway has its extra token discarded. The step
         writes each pending token's KV at position len(seq), so a slot there is reserved now. It waits instead when
-        a queued request could be admitted (a prefill must not be delayed by more than one step) or when the slots
-        do not fit (`schedule` then preempts as usual).
+        a queued request could be admitted (a prefill must not be delayed by more than one step), when a running
+        sequence has work besides its pending token (a prompt being prefilled), or when the slots do not fit
+        (`schedule` then preempts as usual).
         """
-        if self.can_admit():
-            return []
-        batch = [s for s in in_flight if s.status is Status.RUNNING and self.limit_reason(s, pending=1) is None]
-        if sum(self.blocks.needs_block(s, ahead=1) for s in batch) > self.blocks.num_free:
-            return []
-        for seq in batch:
+        if self.can_admit() or any(s.num_uncomputed_tokens > 0 for s in self.running):
+            return Batch()
+        seqs = [s for s in in_flight if s.status is Status.RUNNING and self.limit_reason(s, pending=1) is None]
+        if sum(self.blocks.needs_block(s, ahead=1) for s in seqs) > self.blocks.num_free:
+            return Batch()
+        batch = Batch()
+        for seq in seqs:
             self.blocks.append_slot_ahead(seq)
+            seq.num_computed_tokens += 1  # the pending token, at position len(seq)
+            batch.chunks.append(Chunk(seq, len(seq), len(seq) + 1, True))
         return batch
 
     def _preempt(self, seq: Sequence) -> None:

@@ -79,6 +79,9 @@ class Sequence:
         self.status = Status.WAITING
         self.block_table: list[int] = []
         self.num_cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
+        # Tokens whose KV is computed by the steps scheduled so far (prefix-cache hits included); the scheduler
+        # advances it chunk by chunk while the prompt is prefilled, then one token per decode step.
+        self.num_computed_tokens = 0
         self.finish_reason: FinishReason | None = None
         self.error: EngineError | None = None
         self.suspect = 0  # times this request was in a step that failed (engine.llm_engine: isolation)
@@ -99,6 +102,12 @@ class Sequence:
         return self.token_ids[-1]
 
     @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens whose KV no scheduled step computes yet: more than one while the prompt is being prefilled, one
+        (the newest) for a decoding sequence, none while a step in flight is sampling its next token."""
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
 
@@ -110,6 +119,10 @@ class Sequence:
     @property
     def image_tokens(self) -> int:
         return sum(s.length for s in self.images)
+
+    def in_image(self, position: int) -> bool:
+        """Whether `position` is an image placeholder (its input row is a feature row, not a token embedding)."""
+        return any(s.offset <= position < s.offset + s.length for s in self.images)
 
     def num_blocks(self, block_size: int) -> int:
         return (len(self.token_ids) + block_size - 1) // block_size

@@ -115,9 +115,10 @@ class PrefillGraphs:
     """Prefill batches of at most `max_seqs` sequences and `buckets[-1]` new tokens, replayed from CUDA graphs.
 
     Static inputs: the (T, hidden) input embeddings (token embeddings with image features spliced in, built eagerly:
-    the splice is host-driven) and the attention metadata. A graph's output is the hidden state of each sequence's
-    last row, written into one buffer that every graph shares; the LM head runs after the replay on the real rows
-    only, so padding sequences cost no vocabulary-wide matmul.
+    the splice is host-driven) and the attention metadata. A batch's sequences are chunks (engine/paging/scheduler.py:
+    a part of a prompt, or a decoding sequence's one token, each after its cached keys). A graph's output is the
+    hidden state of the rows asked for (the rows that sample), written into one buffer that every graph shares; the
+    LM head runs after the replay on those rows only, so padding sequences cost no vocabulary-wide matmul.
     """
 
     def __init__(self, runner, buckets: list[int], max_seqs: int, max_blocks: int, pool=None):
@@ -127,7 +128,7 @@ class PrefillGraphs:
         self.embeds = torch.zeros(t, runner.model.config.hidden_size, dtype=runner.dtype, device=dev)
         self.out = torch.zeros(b, runner.model.config.hidden_size, dtype=runner.dtype, device=dev)
         # All integer inputs in two buffers, each filled on the host and sent in one copy:
-        # int64: positions [0, t), KV slots [t, 2t), each sequence's last row [2t, 2t + b);
+        # int64: positions [0, t), KV slots [t, 2t), the rows to return [2t, 2t + b) (at most one per sequence);
         # int32: cu_seqlens_q [0, b], seq_lens [b + 1, 2b + 1), then the (b, max_blocks) block tables.
         self.host64 = torch.zeros(2 * t + b, dtype=torch.int64).pin_memory()
         self.host32 = torch.zeros(2 * b + 1 + b * max_blocks, dtype=torch.int32).pin_memory()
@@ -151,9 +152,9 @@ class PrefillGraphs:
         return num_seqs <= self.max_seqs and num_tokens <= self.buckets[-1]
 
     def run(self, seqs: list[Sequence], rows) -> torch.Tensor:
-        """Hidden states (len(seqs), hidden) of each sequence's last row, un-normed (the LM head's input).
-        `rows`: the batch's `PrefillRows`."""
-        n, T = len(seqs), len(rows.ids)
+        """Hidden states (S, hidden) of the S rows `rows.sample_rows`, un-normed (the LM head's input). `rows`: the
+        batch's `PrefillRows`, one chunk per sequence of `seqs`."""
+        n, T, S = len(seqs), len(rows.ids), len(rows.sample_rows)
         t, b = self.buckets[-1], self.max_seqs
         tokens = next(k for k in self.buckets if k >= T)
         self.staged.synchronize()  # at once unless a prefill was launched and never resolved
@@ -162,8 +163,8 @@ class PrefillGraphs:
         h64[T:t] = 0
         h64[t:t + T] = rows.slots
         h64[t + T:2 * t] = -1  # padding rows write no KV
-        h64[2 * t:2 * t + n] = [c - 1 for c in rows.cu_seqlens[1:]]  # each sequence's last row
-        h64[2 * t + n:] = 0
+        h64[2 * t:2 * t + S] = rows.sample_rows
+        h64[2 * t + S:] = 0
         h32[:n + 1] = rows.cu_seqlens
         h32[n + 1:b + 1] = T  # padding sequences: no tokens...
         h32[b + 1:b + 1 + n] = rows.seq_lens
@@ -176,4 +177,4 @@ class PrefillGraphs:
         self.staged.record()
         self.embeds[:T].copy_(self.runner.prefill_embeds(rows))
         self.graphs[tokens].replay()
-        return self.out[:n]
+        return self.out[:S]

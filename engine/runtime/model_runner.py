@@ -1,9 +1,13 @@
-"""Runs the language model for one scheduled step: builds the packed inputs, runs prefill or decode, samples.
+"""Runs the language model for one scheduled step (engine/paging/scheduler.py's `Batch`): builds the packed inputs,
+runs prefill or decode, samples the rows that need a token.
 
-Split by phase: `prepare_prefill` / `prepare_decode` turn sequences into tensors (token ids, positions, slots,
-block tables, image embeddings to splice), `launch` queues the step, the sampler picks tokens. On CUDA, decode
-replays a CUDA graph captured for the smallest batch-size bucket that holds the batch, and prefill one captured
-for the smallest token-count bucket (engine/cuda_graphs.py); batches too large for any run eagerly.
+Split by phase: `prepare_prefill` / `prepare_decode` turn chunks into tensors (token ids, positions, slots,
+block tables, image embeddings to splice), `launch` queues the step, the sampler picks tokens. A step whose chunks
+are all one sampled token runs as a decode step; any other (prompt chunks, with or without other chats' decode
+tokens: a decoding sequence is then a one-row chunk with cached context) runs through the prefill path, and only the
+last row of each chunk that reaches its sequence's end is sampled. On CUDA, decode replays a CUDA graph captured for
+the smallest batch-size bucket that holds the batch, and prefill one captured for the smallest token-count bucket
+(engine/cuda_graphs.py); batches too large for any run eagerly.
 
 `launch` never waits for the device: it returns a `LaunchedStep` whose tokens stay on the device, with a copy on its
 way to pinned host memory. A decode step can take its input ids from a step still in flight (`after`), so the
@@ -22,28 +26,34 @@ from engine.runtime.kv_cache import allocate
 from engine.models.decoder import CausalLM
 from engine.runtime.rope import cos_sin_cache
 from engine.runtime.sampler import Sampler, to_device
+from engine.paging.scheduler import Batch, Chunk
 from engine.paging.sequence import Sequence
 
 
 @dataclass
 class PrefillRows:
-    """A prefill batch on the host, tokens packed: `cu_seqlens` (B+1) bound each sequence's rows; `seq_lens` count
-    its keys after the step (cached ones included); `splices` say where image features replace placeholder rows:
-    (row, image span, first feature row, count)."""
+    """A prefill batch on the host, tokens packed: `cu_seqlens` (B+1) bound each chunk's rows; `seq_lens` count
+    its sequence's keys after the step (cached ones included); `sample_rows` are the rows whose logits are sampled
+    (the last of each chunk that reaches its sequence's end); `splices` say where image features replace placeholder
+    rows: (row, image span, first feature row, count)."""
 
     ids: list[int]
     positions: list[int]
     slots: list[int]
     cu_seqlens: list[int]
     seq_lens: list[int]
+    sample_rows: list[int]
     splices: list[tuple]
 
 
 @dataclass
 class LaunchedStep:
     """A step queued on the device. Its sampled tokens stay there (`tokens`, the input of a decode step launched
-    after it) while a copy travels to `host`; `token_ids()` waits for that copy alone, not for later work."""
+    after it) while a copy travels to `host`; `token_ids()` waits for that copy alone, not for later work, and
+    returns one token per sequence of `seqs`: those that sample (`Batch.sampling`), so a chunk that ends inside its
+    prompt has no entry, and a step of such chunks alone returns [] (once the step has run)."""
 
+    batch: Batch
     seqs: list[Sequence]
     tokens: torch.Tensor  # (B,) int64 on the device
     host: torch.Tensor  # (B,) int64: pinned on CUDA; `tokens` itself elsewhere
@@ -96,19 +106,21 @@ class ModelRunner:
         width = max(len(s.block_table) for s in seqs)
         return self._tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], torch.int32)
 
-    def prefill_rows(self, seqs: list[Sequence]) -> PrefillRows:
-        """The host side of a prefill batch: every sequence's uncached tokens packed one after another."""
-        rows = PrefillRows([], [], [], [0], [], [])
-        for seq in seqs:
-            start = seq.num_cached_tokens
+    def prefill_rows(self, chunks: list[Chunk]) -> PrefillRows:
+        """The host side of a prefill batch: every chunk's tokens packed one after another."""
+        rows = PrefillRows([], [], [], [0], [], [], [])
+        for c in chunks:
+            seq, start, end = c.seq, c.start, c.end
             base = len(rows.ids)
-            rows.ids.extend(seq.token_ids[start:])
-            rows.positions.extend(range(start, len(seq)))
-            rows.slots.extend(self.blocks.slot(seq, p) for p in range(start, len(seq)))
+            rows.ids.extend(seq.token_ids[start:end])
+            rows.positions.extend(range(start, end))
+            rows.slots.extend(self.blocks.slot(seq, p) for p in range(start, end))
             rows.cu_seqlens.append(len(rows.ids))
-            rows.seq_lens.append(len(seq))
+            rows.seq_lens.append(end)
+            if c.samples:
+                rows.sample_rows.append(len(rows.ids) - 1)
             for span in seq.images:
-                lo, hi = max(span.offset, start), min(span.offset + span.length, len(seq))
+                lo, hi = max(span.offset, start), min(span.offset + span.length, end)
                 if lo < hi:
                     rows.splices.append((base + lo - start, span, lo - span.offset, hi - lo))
         return rows
@@ -126,13 +138,14 @@ class ModelRunner:
         embeds[self._tensor(image_rows, torch.int64)] = feats.to(device=self.device, dtype=embeds.dtype)
         return embeds
 
-    def prepare_prefill(self, seqs: list[Sequence], rows: PrefillRows | None = None):
-        rows = rows or self.prefill_rows(seqs)
+    def prepare_prefill(self, chunks: list[Chunk], rows: PrefillRows | None = None):
+        rows = rows or self.prefill_rows(chunks)
         cu = rows.cu_seqlens
         md = AttentionMetadata(
             is_prefill=True, slot_mapping=self._tensor(rows.slots, torch.int64),
-            block_tables=self._block_tables(seqs), seq_lens=self._tensor(rows.seq_lens, torch.int32),
-            cu_seqlens_q=self._tensor(cu, torch.int32), max_seqlen_q=max(b - a for a, b in zip(cu, cu[1:])))
+            block_tables=self._block_tables([c.seq for c in chunks]),
+            seq_lens=self._tensor(rows.seq_lens, torch.int32), cu_seqlens_q=self._tensor(cu, torch.int32),
+            max_seqlen_q=max(b - a for a, b in zip(cu, cu[1:])))
         return self.prefill_embeds(rows), self._tensor(rows.positions, torch.int64), md
 
     def decode_rows(self, seqs: list[Sequence], ahead: bool) -> tuple[list[int], list[int]]:
@@ -152,13 +165,6 @@ class ModelRunner:
         ids = pending if ahead else self._tensor([s.last_token for s in seqs], torch.int64)
         return ids, self._tensor(positions, torch.int64), md
 
-    @staticmethod
-    def _one_new_token(seqs: list[Sequence]) -> bool:
-        """A prefill whose sequences each lack only their last token's KV (a prefix-cache hit: a retry, a resent
-        prompt) is a decode step in all but name; it then runs as one, under the decode CUDA graph."""
-        return all(len(s) - s.num_cached_tokens == 1 and
-                   not any(sp.offset + sp.length >= len(s) for sp in s.images) for s in seqs)
-
     def _pending_ids(self, seqs: list[Sequence], after: LaunchedStep) -> torch.Tensor:
         """`after`'s tokens for `seqs`, gathered on the device. The batch is `after`'s minus the sequences that
         finish with it, in the same order; when none finish, the tokens are used as they are."""
@@ -167,36 +173,37 @@ class ModelRunner:
         row = {s.seq_id: i for i, s in enumerate(after.seqs)}
         return after.tokens[self._tensor([row[s.seq_id] for s in seqs], torch.int64)]
 
-    def _logits(self, seqs: list[Sequence], is_prefill: bool, pending: torch.Tensor | None) -> torch.Tensor:
-        if is_prefill and self._one_new_token(seqs):
-            is_prefill = False
-        if is_prefill:
-            rows = self.prefill_rows(seqs)
-            if self.prefill_graphs is not None and self.prefill_graphs.fits(len(seqs), len(rows.ids)):
-                return self.model.logits(self.prefill_graphs.run(seqs, rows))
-            embeds, positions, md = self.prepare_prefill(seqs, rows)
-            hidden = self.model(embeds, positions, self.cos_sin, md)
-            last = md.cu_seqlens_q[1:].long() - 1
-            return self.model.logits(hidden[last])
-        if self.graphs is not None and self.graphs.fits(len(seqs)):
-            return self.graphs.run(seqs, pending)
-        ids, positions, md = self.prepare_decode(seqs, pending)
-        hidden = self.model(self.model.embed(ids), positions, self.cos_sin, md)
-        return self.model.logits(hidden)
+    def _logits(self, batch: Batch, pending: torch.Tensor | None) -> torch.Tensor | None:
+        """(S, V) logits of the S rows that sample (`Batch.sampling`), or None where no row samples."""
+        seqs = batch.seqs
+        if batch.is_decode:
+            if self.graphs is not None and self.graphs.fits(len(seqs)):
+                return self.graphs.run(seqs, pending)
+            ids, positions, md = self.prepare_decode(seqs, pending)
+            return self.model.logits(self.model(self.model.embed(ids), positions, self.cos_sin, md))
+        rows = self.prefill_rows(batch.chunks)
+        if self.prefill_graphs is not None and self.prefill_graphs.fits(len(seqs), len(rows.ids)):
+            hidden = self.prefill_graphs.run(seqs, rows)
+        else:
+            embeds, positions, md = self.prepare_prefill(batch.chunks, rows)
+            hidden = self.model(embeds, positions, self.cos_sin, md)[self._tensor(rows.sample_rows, torch.int64)]
+        return self.model.logits(hidden) if rows.sample_rows else None
 
     @torch.inference_mode()
-    def launch(self, seqs: list[Sequence], is_prefill: bool, after: LaunchedStep | None = None) -> LaunchedStep:
+    def launch(self, batch: Batch, after: LaunchedStep | None = None) -> LaunchedStep:
         """Queue one step and return without waiting for it. `after`: the decode step still in flight whose sampled
         tokens are this decode step's input ids; they go from its output to this step's input on the device."""
-        assert after is None or not is_prefill, "only a decode step takes its input from the device"
+        assert after is None or batch.is_decode, "only a decode step takes its input from the device"
+        seqs = batch.sampling
         pending = None if after is None else self._pending_ids(seqs, after)
-        tokens = self.sampler(self._logits(seqs, is_prefill, pending), seqs, pending)
+        logits = self._logits(batch, pending)
+        tokens = (self.sampler(logits, seqs, pending) if logits is not None else
+                  torch.empty(0, dtype=torch.int64, device=self.device))
         if self.device.type != "cuda":
-            return LaunchedStep(seqs, tokens, tokens)
+            return LaunchedStep(batch, seqs, tokens, tokens)
         host, copied = self._outboxes[self._turn]
         self._turn ^= 1
         host = host[:len(seqs)]
         host.copy_(tokens, non_blocking=True)
         copied.record()
-        return LaunchedStep(seqs, tokens, host, copied)
-
+        return LaunchedStep(batch, seqs, tokens, host, copied)
