@@ -48,9 +48,9 @@ def batch_sizes(model, monkeypatch):
     sizes, runner = [], model.loaded.engine.runner
     launch = runner.launch
 
-    def recording(seqs, *args, **kw):
-        sizes.append(len(seqs))
-        return launch(seqs, *args, **kw)
+    def recording(batch, *args, **kw):
+        sizes.append(len(batch.seqs))
+        return launch(batch, *args, **kw)
 
     monkeypatch.setattr(runner, "launch", recording)
     return sizes

@@ -15,7 +15,7 @@ import torch
 from engine.config import DEFAULT_STEP_TOKENS, EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from tests.triton_setup import needs_triton
+from tests.triton_setup import DEVICE, needs_triton
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,7 +89,7 @@ def test_chunked_prefill_through_the_triton_kernels(tiny_lm):
     prompts = [words(3, 4), words(8, 5)]
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (2, 1)]
     want = make_engine(tiny_lm, WHOLE).generate(prompts, params)
-    engine = make_engine(tiny_lm, 4, max_num_seqs=2, use_triton=True)
+    engine = make_engine(tiny_lm, 4, max_num_seqs=2, use_triton=True, device=DEVICE)
     steps = record_steps(engine)
     got = engine.generate(prompts, params)
     by_prompt = [[(seq.num_prompt_tokens, start, end) for seq, start, end in step] for step in steps]

@@ -57,7 +57,11 @@ def run_prefill_logits(engine, ids, spans):
     """All-position logits of one prefill through the engine's own runner."""
     seq = engine.add_request(ids, SamplingParams(max_new_tokens=1), spans)
     assert engine.vision.run([seq]) == [] and seq.images_ready  # the engine's vision stage, run here by hand
-    batch = engine.scheduler.schedule()
+    budget, engine.scheduler.max_num_batched_tokens = engine.scheduler.max_num_batched_tokens, len(ids)
+    try:  # one step for the whole prompt, whatever the engine's step budget
+        batch = engine.scheduler.schedule()
+    finally:
+        engine.scheduler.max_num_batched_tokens = budget
     assert [(c.seq, c.start, c.end) for c in batch.chunks] == [(seq, 0, len(ids))]  # the whole prompt, one step
     with torch.inference_mode():
         embeds, positions, md = engine.runner.prepare_prefill(batch.chunks)
