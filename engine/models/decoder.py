@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.runtime.attention import AttentionMetadata, PagedAttention
+from engine.models.attention import AttentionMetadata, PagedAttention
 from engine.config import TextConfig
 from kernels import KernelOps
 

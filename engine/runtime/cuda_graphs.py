@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from engine.runtime.attention import AttentionMetadata
+from engine.models.attention import AttentionMetadata
 from engine.paging.sequence import Sequence
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.runtime.attention import AttentionMetadata
+from engine.models.attention import AttentionMetadata
 from engine.paging.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.runtime.kv_cache import allocate
