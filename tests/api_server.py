@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.browser.app_server import REPO, free_port
+from tests.browser.app_server import REPO, free_port, stop
 
 START_TIMEOUT_S = 600
 
@@ -40,9 +40,4 @@ def running_api(model: str, log_dir: Path, *flags: str):
                 time.sleep(0.5)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+        stop(proc)

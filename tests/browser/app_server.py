@@ -69,12 +69,17 @@ def running_app(log_dir: Path, *args: str):
             time.sleep(1)
         yield Server(url, log_path)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate a launched server, and kill it if it has not gone within 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
 
 
 def save_cat_png(path: Path) -> Path:
