@@ -107,11 +107,10 @@ class TextConfig:
 
 # Per-step token budgets by device type (`EngineConfig.max_num_batched_tokens`). CUDA: the prefill CUDA graphs' cap,
 # so a chunk with a few decode rows still replays a graph, one image and a question (600-800 tokens) still prefill in
-# one step, and a 7B step with a full chunk costs a few decode steps, not a whole long prompt's prefill. CPU: a step
-# of 128 prompt tokens deep into a 6,000-token prompt takes ~1 s for the 135M default on one core (attention over the
-# context is half of it), so a chat decoding meanwhile keeps about a token a second instead of none for ~45 s; the
-# long prompt's own TTFT does not suffer (bench/results/stall_cpu.txt: 256 halves the few steps' overhead and doubles
-# the stall).
+# one step, and a 7B step with a full chunk costs a few decode steps, not a whole long prompt's prefill. CPU (the
+# 135M default, bench/results/stall_cpu.txt): with 128, a chat decoding while a 5,917-token message is prefilled
+# waits at most 1.2-1.4 s for a token (45-56 s with the whole prompt in one step) and the message's TTFT does not
+# grow; 64 shortens that gap little and costs the message 1.2x, 256 and 512 double and triple it.
 DEFAULT_STEP_TOKENS = {"cuda": 1024, "cpu": 128}
 
 
