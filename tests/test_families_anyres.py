@@ -359,3 +359,24 @@ def test_gpu_graphed_tiles_equal_eager(family):
         want = [torch.cat([images._forward(c) for c in x.split(GRAPH_TILES)]) for x in inputs]
     for a, b in zip(got, want):
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_big_photo_fits_through_the_app(small_context, tmp_path):
+    """The seed's scenario through the launched app's /chat, as the page sends it: a notice saying how the photo
+    was fitted, then a non-empty answer, and a stats line; never an empty reply."""
+    from gradio_client import Client, handle_file
+
+    from tests.browser.app_server import running_app
+
+    folder, photo = small_context
+    with running_app(tmp_path, "--model", str(folder), "--device", "cpu", "--dtype", "float32") as server:
+        client = Client(server.url, verbose=False, download_files=False)
+        job = client.submit({"text": "Describe this photo.", "files": [handle_file(str(photo))]},
+                            512, 0.0, 1.0, 0, 1.0, "", -1, 0, api_name="/chat")
+        messages = job.result(timeout=600)[0]
+    notes = [m["content"] for m in messages if (m.get("metadata") or {}).get("title", "").startswith("ℹ️")]
+    answer = "".join(m["content"] for m in messages if not (m.get("metadata") or {}).get("title"))
+    assert any(PHOTO_NOTE in note for note in notes), messages
+    assert answer.strip(), messages
+    assert any("926 image tokens" in (m.get("metadata") or {}).get("title", "") for m in messages)
