@@ -108,9 +108,9 @@ class TextConfig:
 # Per-step token budgets by device type (`EngineConfig.max_num_batched_tokens`). CUDA: the prefill CUDA graphs' cap,
 # so a chunk with a few decode rows still replays a graph, one image and a question (600-800 tokens) still prefill in
 # one step, and a 7B step with a full chunk costs a few decode steps, not a whole long prompt's prefill. CPU (the
-# 135M default, bench/results/stall_cpu.txt): with 128, a chat decoding while a 5,917-token message is prefilled
-# waits at most 1.2-1.4 s for a token (45-56 s with the whole prompt in one step) and the message's TTFT does not
-# grow; 64 shortens that gap little and costs the message 1.2x, 256 and 512 double and triple it.
+# 135M default, bench/results/stall_cpu.txt): with 128, a chat decoding while a ~5,900-token message is prefilled
+# waits at most 1.1-1.4 s for a token (45-56 s with the whole prompt in one step) and the message's TTFT does not
+# grow; 64 halves that gap again but costs the message up to 1.2x, 256 and 512 double and triple the gap.
 DEFAULT_STEP_TOKENS = {"cuda": 1024, "cpu": 128}
 
 
