@@ -1,8 +1,9 @@
 """The engine's hot ops, each a Triton kernel with a pure-PyTorch twin of the same signature.
 
 One file per op: `gemv` (the projections with the norm, activation and residual add fused in; `rms_norm` and
-`activation` serve it for several rows), `kv_store` (rotary embedding, in `rotary`, fused with the KV-cache write),
-`paged_decode`, `paged_prefill`. The twins
+`activation` serve it for several rows; a quantized weight goes to `quant_gemv` / `quant_matmul`, or on a CPU to
+`quant_cpu`'s packing, see `quant_weight`), `kv_store` (rotary embedding, in `rotary`, fused with the KV-cache
+write; int8 caches in the format of `kv_int8`), `paged_decode`, `paged_prefill`. The twins
 (`*_torch`) are the CPU path and the tests' oracle; the Triton launchers (`*_triton`) are the CUDA path. The engine
 picks once, with `load_ops(use_triton)`, and passes the resulting `KernelOps` around. This package is a leaf: it
 imports torch, triton and the standard library only, and knows nothing of models or scheduling.
@@ -22,6 +23,7 @@ class KernelOps:
     norm_linear: Callable  # (x, norm_weight, eps, weight, bias) -> linear(rms_norm(x))
     linear_add: Callable  # (x, weight, bias, residual) -> residual + linear(x)
     act_linear_add: Callable  # (x, weight, residual) -> residual + linear(silu(gate) * up)
+    # The three KV ops end with (k_scale_zero=None, v_scale_zero=None): given, the caches are int8 (kv_int8.py).
     # (q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping) -> None: q rotated in place, k/v into the cache
     rope_store_kv: Callable
     paged_decode_attention: Callable  # (q, k_cache, v_cache, block_tables, seq_lens, scale) -> out
