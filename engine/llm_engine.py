@@ -31,7 +31,7 @@ from engine.sampling_params import SamplingParams
 from engine.paging.scheduler import Scheduler
 from engine.paging.sequence import EngineError, ErrorCode, FinishReason, ImageSpan, Sequence
 from engine.vision_stage import VisionStage
-from kernels import HAS_TRITON, load_ops
+from kernels import HAS_TRITON, load_cpu_ops, load_ops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,7 +63,8 @@ class LLMEngine:
         self.device, self.dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
         use_triton = cfg.use_triton if cfg.use_triton is not None else (
             self.device.type == "cuda" and HAS_TRITON)
-        self.ops = load_ops(use_triton)
+        # A CPU's twins get C versions of the decode step's small ops where a C compiler is found (kernels/cpu_ops.py)
+        self.ops = load_cpu_ops() if self.device.type == "cpu" and not use_triton else load_ops(use_triton)
         weights = quantize_weights(weights, cfg.quantize)
         self.model = build_text_model(text_cfg, weights, self.ops, self.device, self.dtype)
         if self.device.type == "cpu" and not use_triton:
