@@ -6,9 +6,12 @@ Perplexity: exp of the mean next-token cross-entropy over Python's own LICENSE.t
 of the software: ~3.8k tokens of English prose and legal text, shipped with every CPython at
 `sys.base_prefix/lib/pythonX.Y/LICENSE.txt`), in windows of 512 tokens, each scored from its own start (as LMDeploy's
 get_ppl does per sequence), through the engine's own prefill (paged attention, the KV cache in the mode's format).
-Greedy agreement: N chat prompts x 64 new tokens against the fp32 engine's tokens: the share of equal tokens,
-position by position, and the mean length of the common prefix. Decode steps run in batches of at most 8 rows, so
-they read the CPU's decode weights (the packed int4 / int8 kernels), not the dense prefill copy.
+On a CPU prefill reads the dense copy of the quantized weights (the same values), so the logits are taken 8 rows at a
+time, through the LM head's decode weight (a Q8_0 head re-rounded to int8 per row, say). Greedy agreement: N chat
+prompts x 64 new tokens against the fp32 engine's tokens and against the bf16 engine's (same activations, so what
+the weights alone change): the share of equal tokens, position by position, and the mean length of the common
+prefix. Decode steps run in batches of at most 8 rows, so they read the CPU's decode weights (the packed int4 / int8
+kernels), not the dense copy.
 
 Modes: fp32 (the reference: the GGUF dequantized, as transformers loads it), bf16, w8a16 and w4a16 (round to nearest
 of those fp32 weights, LM head int8), gguf-q4_1 (the file's own Q4_1 blocks and Q8_0 head, kept), and the int8 KV
@@ -70,7 +73,8 @@ def window_nll(engine: LLMEngine, ids: list[int]) -> tuple[float, int]:
     batch, is_prefill = engine.scheduler.schedule()
     assert is_prefill and batch == [seq]
     embeds, positions, md = engine.runner.prepare_prefill(batch)
-    logits = engine.model.logits(engine.model(embeds, positions, engine.runner.cos_sin, md))  # (T, V) fp32
+    hidden = engine.model(embeds, positions, engine.runner.cos_sin, md)
+    logits = torch.cat([engine.model.logits(hidden[i:i + 8]) for i in range(0, len(ids), 8)])  # (T, V) fp32
     engine.abort(seq)
     target = torch.tensor(ids[1:])
     return F.cross_entropy(logits[:-1], target, reduction="sum").item(), len(ids) - 1
@@ -134,19 +138,19 @@ def main():
              f"corpus {corpus_path()} ({len(tokens)} tokens, windows of {WINDOW}); "
              f"greedy: {len(prompts)} chat prompts x {args.new_tokens} new tokens vs ours fp32; "
              f"auto policy here: {cpu_policy().dtype} ({cpu_policy().describe()})",
-             f"{'mode':<32}{'perplexity':>11}{'vs fp32':>9}{'greedy equal':>14}{'common prefix':>15}"]
+             f"{'mode':<32}{'perplexity':>11}{'vs fp32':>9}{'equal/fp32':>12}{'prefix/fp32':>12}"
+             f"{'equal/bf16':>12}{'prefix/bf16':>12}"]
     print(lines[0])
-    reference = None
+    runs: dict[str, list[list[int]]] = {}
     ppl32 = None
     for name, (weights, kw) in modes(dense, blocks, cpu_policy().dtype).items():
         t0 = time.time()
         engine = LLMEngine(cfg, weights, tok, EngineConfig(enable_prefix_caching=False, max_num_seqs=8, **kw))
         ppl = perplexity(lambda w: window_nll(engine, w), tokens)
-        ids = greedy(engine, prompts, args.new_tokens)
-        reference = reference or ids
+        runs[name] = ids = greedy(engine, prompts, args.new_tokens)
         ppl32 = ppl32 or ppl
-        equal, prefix = agreement(reference, ids)
-        lines.append(f"{name:<32}{ppl:>11.3f}{ppl / ppl32 - 1:>+9.2%}{equal:>14.1%}{prefix:>15.1f}")
+        (e32, p32), (e16, p16) = agreement(runs["fp32"], ids), agreement(runs.get("bf16", ids), ids)
+        lines.append(f"{name:<32}{ppl:>11.3f}{ppl / ppl32 - 1:>+9.2%}{e32:>12.1%}{p32:>12.1f}{e16:>12.1%}{p16:>12.1f}")
         print(lines[-1], f"({time.time() - t0:.0f} s)", flush=True)
         del engine
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
