@@ -178,8 +178,27 @@ void FN(rope_store_kv)(act_t *q, int64_t sqt, int64_t sqh, const act_t *k, int64
     free(rowf);
 }
 
+/* exp(x) for x <= 0 (softmax after subtracting the max): 2^(x log2 e) split into 2^i * 2^f, 2^f by a degree-6
+ * polynomial on [0, 1); relative error < 2e-7, and unlike expf it vectorizes. */
+static inline float exp_neg(float x) {
+    float t = (x < -87.0f ? -87.0f : x) * 1.4426950409f;
+    float fi = floorf(t), f = t - fi;
+    float p = 1.535336188319500e-4f;
+    p = p * f + 1.339887440266574e-3f;
+    p = p * f + 9.618437357674640e-3f;
+    p = p * f + 5.550332471162809e-2f;
+    p = p * f + 2.402264791363012e-1f;
+    p = p * f + 6.931472028550421e-1f;
+    p = p * f + 1.0f;
+    int32_t bits = ((int32_t)fi + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
 /* One key or value row in fp32: act_t as stored, or int8 codes dequantized and rounded to act_t (as the twin). */
-static inline void kv_row(const void *cache, const uint16_t *sz, int64_t at, int64_t sz_at, int64_t D, float *out) {
+static inline void kv_row(const void *cache, const uint16_t *sz, int64_t at, int64_t sz_at, int64_t D,
+                          float *restrict out) {
     if (sz) {
         const uint8_t *c = (const uint8_t *)cache + at;
         float s = f16_to_f32(sz[sz_at]), z = f16_to_f32(sz[sz_at + 1]);
@@ -188,6 +207,12 @@ static inline void kv_row(const void *cache, const uint16_t *sz, int64_t at, int
         const act_t *c = (const act_t *)cache + at;
         for (int64_t i = 0; i < D; i++) out[i] = load(c + i);
     }
+}
+
+static inline float dot(const float *restrict a, const float *restrict b, int64_t D) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < D; i++) s += a[i] * b[i];
+    return s;
 }
 
 /* out[b] = softmax(q[b] K^T * scale) V over sequence b's seq_lens[b] keys, read through its block table; each KV
@@ -206,36 +231,30 @@ void FN(paged_decode)(const act_t *q, int64_t sqb, int64_t sqh, const void *k_ca
         int64_t n = seq_lens[b];
         const int32_t *table = block_tables + b * stride_bt;
         for (int64_t hk = 0; hk < Hk; hk++) {
-            for (int64_t g = 0; g < group; g++)
-                for (int64_t i = 0; i < D; i++) qf[g * D + i] = load(q + b * sqb + (hk * group + g) * sqh + i);
+            for (int64_t g = 0; g < group; g++)  /* the scale folded into q, as SDPA does */
+                for (int64_t i = 0; i < D; i++) qf[g * D + i] = load(q + b * sqb + (hk * group + g) * sqh + i) * scale;
             for (int64_t j = 0; j < n; j++) { /* scores, one key row at a time for all the group's heads */
-                int64_t at = (int64_t)table[j / page] * stride_block + ((j % page) * Hk + hk) * D;
-                int64_t sz_at = 2 * (((int64_t)table[j / page] * page + j % page) * Hk + hk);
-                kv_row(k_cache, k_sz, at, sz_at, D, kv);
-                for (int64_t g = 0; g < group; g++) {
-                    float dot = 0.0f;
-                    for (int64_t i = 0; i < D; i++) dot += qf[g * D + i] * kv[i];
-                    scores[g * n + j] = dot * scale;
-                }
+                int64_t block = table[j / page], slot = block * page + j % page;
+                kv_row(k_cache, k_sz, block * stride_block + ((j % page) * Hk + hk) * D, 2 * (slot * Hk + hk), D, kv);
+                for (int64_t g = 0; g < group; g++) scores[g * n + j] = dot(qf + g * D, kv, D);
             }
             for (int64_t g = 0; g < group; g++) { /* softmax */
-                float m = -INFINITY, l = 0.0f;
-                for (int64_t j = 0; j < n; j++) m = scores[g * n + j] > m ? scores[g * n + j] : m;
+                float *s = scores + g * n, m = -INFINITY, l = 0.0f;
+                for (int64_t j = 0; j < n; j++) m = s[j] > m ? s[j] : m;
                 for (int64_t j = 0; j < n; j++) {
-                    scores[g * n + j] = expf(scores[g * n + j] - m);
-                    l += scores[g * n + j];
+                    s[j] = exp_neg(s[j] - m);
+                    l += s[j];
                 }
                 float inv = l > 0.0f ? 1.0f / l : 0.0f;
-                for (int64_t j = 0; j < n; j++) scores[g * n + j] *= inv;
+                for (int64_t j = 0; j < n; j++) s[j] *= inv;
             }
             memset(acc, 0, sizeof(float) * (size_t)(group * D));
             for (int64_t j = 0; j < n; j++) {
-                int64_t at = (int64_t)table[j / page] * stride_block + ((j % page) * Hk + hk) * D;
-                int64_t sz_at = 2 * (((int64_t)table[j / page] * page + j % page) * Hk + hk);
-                kv_row(v_cache, v_sz, at, sz_at, D, kv);
+                int64_t block = table[j / page], slot = block * page + j % page;
+                kv_row(v_cache, v_sz, block * stride_block + ((j % page) * Hk + hk) * D, 2 * (slot * Hk + hk), D, kv);
                 for (int64_t g = 0; g < group; g++) {
-                    float p = scores[g * n + j];
-                    for (int64_t i = 0; i < D; i++) acc[g * D + i] += p * kv[i];
+                    float p = scores[g * n + j], *restrict a = acc + g * D;
+                    for (int64_t i = 0; i < D; i++) a[i] += p * kv[i];
                 }
             }
             for (int64_t g = 0; g < group; g++)
