@@ -5,7 +5,8 @@ and llama.cpp, in one run, on the same threads.
                            [--out bench/results/cpu_lm.txt]
 
 Rows: ours in fp32 (pure fp32, dense), auto (what `--dtype auto` picks on this machine, engine/quant/policy.py,
-with the embedded default's GGUF blocks kept where int4 measures faster), w8a16 and w4a16 (round to nearest at
+with the embedded default's GGUF blocks kept where int4 measures faster), auto's dtype on the dense weights (what the
+default ran before), w8a16 and w4a16 (round to nearest at
 load), q4_1-native (the GGUF's own Q4_1 / Q8_0 blocks, bf16 activations), auto + int8 KV cache; transformers fp32
 and bf16 (`generate`, eager); llama.cpp through llama-cpp-python on the same GGUF (when `llama_cpp` imports: it is
 not a requirement). TTFT: a 128-token prompt to its first token. Decode: tokens/s over 128 new tokens after the first.
@@ -88,6 +89,7 @@ def our_engines(cfg: TextConfig, dense: dict, blocks: dict) -> dict[str, LLMEngi
     configs = {
         "ours fp32": (dense, EngineConfig(dtype="float32", **base)),
         f"ours auto ({auto.dtype}{', Q4_1 kept' if auto_blocks else ''})": (blocks if auto_blocks else dense, auto),
+        f"ours {auto.dtype} dense (GGUF dequantized)": (dense, dataclasses.replace(auto, quantize=None)),
         "ours w8a16": (dense, EngineConfig(dtype=auto.dtype, quantize="w8a16", **base)),
         "ours w4a16": (dense, EngineConfig(dtype=auto.dtype, quantize="w4a16", **base)),
         "ours q4_1-native": (blocks, EngineConfig(dtype=auto.dtype, quantize="gguf", **base)),

@@ -90,6 +90,25 @@ static inline void store(act_t *p, float v) { *p = v; }
 static inline float rnd(float v) { return v; }
 #endif
 
+/* exp(x), |x| < 88: 2^(x log2 e) split into 2^i * 2^f, 2^f by a degree-6 polynomial on [0, 1); relative error
+ * < 2e-7 (expf's is < 1e-7), and unlike a call to expf it vectorizes. */
+static inline float exp_fast(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float t = x * 1.4426950409f;
+    float fi = floorf(t), f = t - fi;
+    float p = 1.535336188319500e-4f;
+    p = p * f + 1.339887440266574e-3f;
+    p = p * f + 9.618437357674640e-3f;
+    p = p * f + 5.550332471162809e-2f;
+    p = p * f + 2.402264791363012e-1f;
+    p = p * f + 6.931472028550421e-1f;
+    p = p * f + 1.0f;
+    int32_t bits = ((int32_t)fi + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
 /* y = w * round(x * rsqrt(mean(x^2) + eps)), row by row (HF LlamaRMSNorm). */
 void FN(rms_norm)(const act_t *x, int64_t stride_x, const act_t *w, act_t *y, int64_t rows, int64_t H, float eps) {
     for (int64_t r = 0; r < rows; r++) {
@@ -112,7 +131,7 @@ void FN(silu_mul)(const act_t *x, int64_t stride_x, act_t *y, int64_t rows, int6
         act_t *yr = y + r * I;
         for (int64_t i = 0; i < I; i++) {
             float gv = load(g + i);
-            store(yr + i, rnd(gv / (1.0f + expf(-gv))) * load(u + i));
+            store(yr + i, rnd(gv / (1.0f + exp_fast(-gv))) * load(u + i));
         }
     }
 }
@@ -178,24 +197,6 @@ void FN(rope_store_kv)(act_t *q, int64_t sqt, int64_t sqh, const act_t *k, int64
     free(rowf);
 }
 
-/* exp(x) for x <= 0 (softmax after subtracting the max): 2^(x log2 e) split into 2^i * 2^f, 2^f by a degree-6
- * polynomial on [0, 1); relative error < 2e-7, and unlike expf it vectorizes. */
-static inline float exp_neg(float x) {
-    float t = (x < -87.0f ? -87.0f : x) * 1.4426950409f;
-    float fi = floorf(t), f = t - fi;
-    float p = 1.535336188319500e-4f;
-    p = p * f + 1.339887440266574e-3f;
-    p = p * f + 9.618437357674640e-3f;
-    p = p * f + 5.550332471162809e-2f;
-    p = p * f + 2.402264791363012e-1f;
-    p = p * f + 6.931472028550421e-1f;
-    p = p * f + 1.0f;
-    int32_t bits = ((int32_t)fi + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, 4);
-    return p * scale;
-}
-
 /* One key or value row in fp32: act_t as stored, or int8 codes dequantized and rounded to act_t (as the twin). */
 static inline void kv_row(const void *cache, const uint16_t *sz, int64_t at, int64_t sz_at, int64_t D,
                           float *restrict out) {
@@ -242,7 +243,7 @@ void FN(paged_decode)(const act_t *q, int64_t sqb, int64_t sqh, const void *k_ca
                 float *s = scores + g * n, m = -INFINITY, l = 0.0f;
                 for (int64_t j = 0; j < n; j++) m = s[j] > m ? s[j] : m;
                 for (int64_t j = 0; j < n; j++) {
-                    s[j] = exp_neg(s[j] - m);
+                    s[j] = exp_fast(s[j] - m);
                     l += s[j];
                 }
                 float inv = l > 0.0f ? 1.0f / l : 0.0f;
