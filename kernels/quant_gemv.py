@@ -155,9 +155,9 @@ def _check(x, w: QuantWeight, k_in, bias=None, residual=None):
     N, K = w.shape
     if x.dim() != 2 or x.shape[1] != k_in:
         raise ValueError(f"x must be (T, {k_in}) for a ({N}, {K}) weight, got {tuple(x.shape)}")
-    if w.qweight.stride(1) != 1 or w.scales.stride(1) != 1 or (w.zeros is not None and w.zeros.stride() !=
-                                                                 w.scales.stride()):
-        raise ValueError("qweight, scales and zeros must be row-major (scales and zeros sharing strides)")
+    dense = all(t.is_contiguous() for t in (w.qweight, w.scales, w.zeros) if t is not None)
+    if not dense or (w.zeros is not None and w.zeros.stride(0) != w.scales.stride(0)):
+        raise ValueError("qweight, scales and zeros must be contiguous (scales and zeros sharing strides)")
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"bias must be ({N},), got {tuple(bias.shape)}")
     if residual is not None and residual.shape != (x.shape[0], N):

@@ -117,6 +117,9 @@ def quant_matmul_triton(x, w: QuantWeight, bias=None, residual=None):
         raise ValueError(f"x must be (M, {K}) with a unit column stride, got {tuple(x.shape)} {x.stride()}")
     if residual is not None and (residual.shape != (x.shape[0], N) or residual.stride(1) != 1):
         raise ValueError(f"residual must be ({x.shape[0]}, {N}) with a unit column stride")
+    if not all(t.is_contiguous() for t in (w.qweight, w.scales, w.zeros) if t is not None) or (
+            w.zeros is not None and w.zeros.stride(0) != w.scales.stride(0)):
+        raise ValueError("qweight, scales and zeros must be contiguous (scales and zeros sharing strides)")
     M = x.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:

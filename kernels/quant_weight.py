@@ -80,7 +80,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """Integers in [0, 15], (N, K) with K even -> uint8 (N, K // 2): column 2j low, 2j + 1 high."""
     q = q.to(torch.uint8)
-    return q[:, 0::2] | (q[:, 1::2] << 4)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()  # row-major whatever q's layout (elementwise ops keep it)
 
 
 def dequantize(w: QuantWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
