@@ -113,6 +113,8 @@ class TextConfig:
 # grow; 64 halves that gap again but costs the message up to 1.2x, 256 and 512 double and triple the gap.
 DEFAULT_STEP_TOKENS = {"cuda": 1024, "cpu": 128}
 
+QUANTIZE = (None, "auto", "w8a16", "w4a16", "gguf")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -137,6 +139,14 @@ class EngineConfig:
     # A bf16 copy of the weights for decode steps: on CPUs without bf16 matrix units that is ~2.7x faster than fp32
     # there while prefill stays fp32 (bf16 prefill is ~6x slower). Only meaningful with dtype float32.
     decode_weight_dtype: str | None = None
+    # Weight-only quantization (engine/quant/): None keeps the checkpoint's dense weights; "w8a16" (int8 per output
+    # channel) and "w4a16" (int4, groups of 128) round the projections to nearest at load; "gguf" keeps a GGUF
+    # source's own blocks (the embedded default: Q4_1 layers, Q8_0 LM head). AWQ and GPTQ checkpoints load
+    # quantized whatever this says. The families resolve "auto" (engine/families/__init__.py).
+    quantize: str | None = None
+    # "auto": K/V in the model's dtype; "int8": per (token, KV head) asymmetric int8 with an fp16 scale and zero
+    # beside the pages (LMDeploy's quant_policy 8), about half of bf16's bytes (engine/runtime/kv_cache.py).
+    kv_cache_dtype: str = "auto"
     cuda_graphs: bool = True  # decode under CUDA graphs on CUDA devices
     cuda_graph_batch_sizes: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 24, 32, 48, 64))
     # Prefill under CUDA graphs too, for batches of up to this many new tokens (in 16-token buckets; 0: never) and
@@ -162,6 +172,10 @@ class EngineConfig:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.decode_weight_dtype not in (None, "bfloat16", "float16"):
             raise ValueError("decode_weight_dtype must be None, bfloat16 or float16")
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise ValueError(f"kv_cache_dtype must be auto or int8, got {self.kv_cache_dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError("block_size must be a power of two")
         if not 0 < self.kv_cache_fraction <= 1:

@@ -28,11 +28,12 @@ from engine.runtime.kv_cache import count_blocks
 from engine.checkpoints.loader import build_text_model
 from engine.runtime.model_runner import LaunchedStep, ModelRunner
 from engine.models.decoder import add_lowp_copies
+from engine.quant.install import TIED_HEAD, place_for_cpu, quantize_weights
 from engine.sampling_params import SamplingParams
 from engine.paging.scheduler import Batch, Chunk, Scheduler
 from engine.paging.sequence import EngineError, ErrorCode, FinishReason, ImageSpan, Sequence
 from engine.vision_stage import VisionStage
-from kernels import HAS_TRITON, load_ops
+from kernels import HAS_TRITON, load_cpu_ops, load_ops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,8 +65,12 @@ class LLMEngine:
         self.device, self.dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
         use_triton = cfg.use_triton if cfg.use_triton is not None else (
             self.device.type == "cuda" and HAS_TRITON)
-        self.ops = load_ops(use_triton)
+        # A CPU's twins get C versions of the decode step's small ops where a C compiler is found (kernels/cpu_ops.py)
+        self.ops = load_cpu_ops() if self.device.type == "cpu" and not use_triton else load_ops(use_triton)
+        weights = quantize_weights(weights, cfg.quantize)
         self.model = build_text_model(text_cfg, weights, self.ops, self.device, self.dtype)
+        if self.device.type == "cpu" and not use_triton:
+            place_for_cpu(self.model, self.dtype, weights.get(TIED_HEAD) if text_cfg.tie_word_embeddings else None)
         if cfg.decode_weight_dtype is not None:
             add_lowp_copies(self.model, DTYPES[cfg.decode_weight_dtype])
         self.max_model_len = min(cfg.max_model_len or text_cfg.max_position_embeddings,

@@ -1,13 +1,16 @@
 """The engine's hot ops, each a Triton kernel with a pure-PyTorch twin of the same signature.
 
 One file per op: `gemv` (the projections with the norm, activation and residual add fused in; `rms_norm` and
-`activation` serve it for several rows), `kv_store` (rotary embedding, in `rotary`, fused with the KV-cache write),
-`paged_decode`, `paged_prefill`. The twins
+`activation` serve it for several rows; a quantized weight goes to `quant_gemv` / `quant_matmul`, or on a CPU to
+`quant_cpu`'s packing, see `quant_weight`), `kv_store` (rotary embedding, in `rotary`, fused with the KV-cache
+write; int8 caches in the format of `kv_int8`), `paged_decode`, `paged_prefill`; `cpu_ops` (C through ctypes) does a
+CPU decode step's norm, SwiGLU gate, rotary + store and attention in one call each (`load_cpu_ops`). The twins
 (`*_torch`) are the CPU path and the tests' oracle; the Triton launchers (`*_triton`) are the CUDA path. The engine
 picks once, with `load_ops(use_triton)`, and passes the resulting `KernelOps` around. This package is a leaf: it
 imports torch, triton and the standard library only, and knows nothing of models or scheduling.
 """
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass
 from typing import Callable
@@ -22,6 +25,7 @@ class KernelOps:
     norm_linear: Callable  # (x, norm_weight, eps, weight, bias) -> linear(rms_norm(x))
     linear_add: Callable  # (x, weight, bias, residual) -> residual + linear(x)
     act_linear_add: Callable  # (x, weight, residual) -> residual + linear(silu(gate) * up)
+    # The three KV ops end with (k_scale_zero=None, v_scale_zero=None): given, the caches are int8 (kv_int8.py).
     # (q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping) -> None: q rotated in place, k/v into the cache
     rope_store_kv: Callable
     paged_decode_attention: Callable  # (q, k_cache, v_cache, block_tables, seq_lens, scale) -> out
@@ -51,4 +55,17 @@ def load_ops(use_triton: bool) -> KernelOps:
     return KernelOps(**{name: pair[int(use_triton)] for name, pair in impls.items()})
 
 
-__all__ = ["HAS_TRITON", "KernelOps", "load_ops"]
+def load_cpu_ops() -> KernelOps:
+    """The CPU's ops: the twins, with the decode step's small ops in C where a C compiler built them (cpu_ops.py;
+    each call still falls back to its twin for dtypes and layouts the C code does not take)."""
+    from .cpu_ops import (act_linear_add_cpu, library, norm_linear_cpu, paged_decode_attention_cpu,
+                          rope_store_kv_cpu)
+
+    twins = load_ops(use_triton=False)
+    if library() is None:
+        return twins
+    return dataclasses.replace(twins, norm_linear=norm_linear_cpu, act_linear_add=act_linear_add_cpu,
+                               rope_store_kv=rope_store_kv_cpu, paged_decode_attention=paged_decode_attention_cpu)
+
+
+__all__ = ["HAS_TRITON", "KernelOps", "load_cpu_ops", "load_ops"]

@@ -33,13 +33,27 @@ def _softmax_step(s, v, m, l, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr
     return acc, m_new, l
 
 
-def check_caches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor) -> None:
-    """q (..., Hq, D); caches (num_blocks, block_size, Hk, D), dense within a block, sharing strides and q's dtype."""
+@triton.jit
+def _load_kv(cache_ptr, sz_ptr, kv_offs, sz_offs, kv_mask, n_mask, out_dtype, QUANT: tl.constexpr):
+    """A (BLOCK_N, BLOCK_D) K or V tile; an int8 cache's codes dequantized with their (token, head) scale and zero
+    (kernels/kv_int8.py) and rounded to the attention's dtype, as the twins dequantize."""
+    x = tl.load(cache_ptr + kv_offs, mask=kv_mask, other=0)
+    if QUANT:
+        scale = tl.load(sz_ptr + sz_offs, mask=n_mask, other=0.0).to(tl.float32)
+        zero = tl.load(sz_ptr + sz_offs + 1, mask=n_mask, other=0.0).to(tl.float32)
+        x = (x.to(tl.float32) * scale[:, None] + zero[:, None]).to(out_dtype)
+    return x
+
+
+def check_caches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 quantized: bool = False) -> None:
+    """q (..., Hq, D); caches (num_blocks, block_size, Hk, D), dense within a block, sharing strides and q's dtype
+    (uint8 when `quantized`)."""
     Hq, D = q.shape[-2:]
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[3] != D or Hq % k_cache.shape[2]:
         raise ValueError(f"caches must be (blocks, block_size, Hk, {D}) with Hq % Hk == 0, got "
                          f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)} for q {tuple(q.shape)}")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    if not quantized and (k_cache.dtype != q.dtype or v_cache.dtype != q.dtype):
         raise ValueError(f"q {q.dtype} and caches {k_cache.dtype}/{v_cache.dtype} must share a dtype")
     if q.stride(-1) != 1 or block_tables.stride(-1) != 1:
         raise ValueError("q and block_tables need a unit stride in their last dim")

@@ -12,7 +12,9 @@ norms, the activation and the residual adds cost more in kernel launches than in
 kernels). For one row (`x` of shape (1, K)) the Triton launcher runs a single GEMV kernel per op that recomputes
 the row's norm statistics in every program (K values from L2: cheap) and streams W once. With more rows the weight
 is reused across rows and cuBLAS's GEMM wins, so the launcher runs the unfused chain on the other Triton kernels.
-Not here: quantized weights, GEMV for several rows, the attention in between.
+A weight that is not a tensor is quantized: a `QuantWeight` (its Triton path is kernels/quant_gemv.py, its twin
+math kernels/quant_weight.py) or a CPU-packed one (kernels/quant_cpu.py); each runs its own `linear`.
+Not here: GEMV for several rows, the attention in between.
 """
 
 import torch
@@ -20,6 +22,8 @@ import torch.nn.functional as F
 
 from ._triton import triton, tl
 from .activation import silu_and_mul_torch, silu_and_mul_triton
+from .quant_gemv import quant_act_linear_add_triton, quant_linear_add_triton, quant_norm_linear_triton
+from .quant_weight import QuantWeight
 from .rms_norm import rms_norm_torch, rms_norm_triton
 
 _PRO_NONE, _PRO_NORM, _PRO_SILU_MUL = 0, 1, 2
@@ -27,6 +31,8 @@ _PRO_NONE, _PRO_NORM, _PRO_SILU_MUL = 0, 1, 2
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """nn.Linear; a weight of another dtype (a CPU decode copy in bf16) sees x cast to it, the result cast back."""
+    if not isinstance(weight, torch.Tensor):  # quantized: see the module docstring
+        return weight.linear(x, bias)
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
     y = F.linear(x.to(weight.dtype), weight).to(x.dtype)
@@ -136,6 +142,8 @@ def _one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def norm_linear_triton(x, norm_weight, eps, weight, bias=None):
+    if isinstance(weight, QuantWeight):
+        return quant_norm_linear_triton(x, norm_weight, eps, weight, bias)
     _check(x, weight, weight.shape[1], bias)
     if not _one_row(x, weight):
         return _linear(rms_norm_triton(x, norm_weight, eps), weight, bias)
@@ -144,12 +152,14 @@ def norm_linear_triton(x, norm_weight, eps, weight, bias=None):
 
 def _linear_add_rows(x, weight, bias, residual):
     """Several rows: cuBLAS adds the residual in its epilogue (one kernel, one rounding) where it can."""
-    if bias is None and weight.dtype == x.dtype == residual.dtype:
+    if isinstance(weight, torch.Tensor) and bias is None and weight.dtype == x.dtype == residual.dtype:
         return torch.addmm(residual, x, weight.t())
     return residual + _linear(x, weight, bias)
 
 
 def linear_add_triton(x, weight, bias, residual):
+    if isinstance(weight, QuantWeight):
+        return quant_linear_add_triton(x, weight, bias, residual)
     _check(x, weight, weight.shape[1], bias, residual)
     if not (_one_row(x, weight) and residual.is_contiguous()):
         return _linear_add_rows(x, weight, bias, residual)
@@ -157,6 +167,8 @@ def linear_add_triton(x, weight, bias, residual):
 
 
 def act_linear_add_triton(x, weight, residual):
+    if isinstance(weight, QuantWeight):
+        return quant_act_linear_add_triton(x, weight, residual)
     _check(x, weight, 2 * weight.shape[1], None, residual)
     if not (_one_row(x, weight) and residual.is_contiguous()):
         return _linear_add_rows(silu_and_mul_triton(x), weight, None, residual)

@@ -4,15 +4,17 @@ q (B, Hq, D); the caches (num_blocks, block_size, Hk, D); `block_tables[b]` list
 `seq_lens[b]` counts its keys, the current token's included (already stored). A padding row has seq_len 0 and gets
 zeros. The Triton path is split-K "flash decoding": programs (sequence, KV head, key split) each reduce a slice of the
 keys for all Hq/Hk query heads sharing that KV head, then a small kernel merges the splits; with one split the first
-kernel writes the output itself. Sizes come from shapes only, so the launch is CUDA-graph capturable. Not here:
+kernel writes the output itself. Sizes come from shapes only, so the launch is CUDA-graph capturable. An int8 cache
+(`k_scale_zero` / `v_scale_zero`, kernels/kv_int8.py) is dequantized tile by tile as it is read. Not here:
 prefill or chunked prefill (`paged_prefill.py`), sliding windows, ALiBi, soft-capping.
 """
 
 import torch
 import torch.nn.functional as F
 
-from ._paged import _dot, _softmax_step, check_caches
+from ._paged import _dot, _load_kv, _softmax_step, check_caches
 from ._triton import triton, tl
+from .kv_int8 import check_quantized, dequantize_kv
 
 _LOG2E = 1.4426950408889634  # the kernels use exp2, so scores are pre-multiplied by log2(e)
 _BLOCK_N = 64  # keys per inner step
@@ -21,31 +23,42 @@ _MAX_SPLITS = 64
 _INTERPRETER_SMS = 4  # CPU tensors only run under TRITON_INTERPRET; any small number works
 
 
-def _row_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor):
-    """One sequence's K/V blocks: a view when they are consecutive (the usual case), else a gathered copy."""
-    ids = blocks.tolist()
-    if ids == list(range(ids[0], ids[0] + len(ids))):
-        return k_cache[ids[0]:ids[0] + len(ids)], v_cache[ids[0]:ids[0] + len(ids)]
-    index = blocks.long()
-    return k_cache[index], v_cache[index]
+def _row(cache: torch.Tensor, scale_zero: torch.Tensor | None, ids: list[int], n: int, dtype) -> torch.Tensor:
+    """One sequence's first n keys (or values), (n, Hk, D): a view when its blocks are consecutive (the usual case),
+    else a gathered copy; an int8 cache's dequantized."""
+    first = ids[0]
+    if ids == list(range(first, first + len(ids))):
+        x = cache[first:first + len(ids)]
+        sz = None if scale_zero is None else scale_zero[first:first + len(ids)]
+    else:
+        index = torch.tensor(ids, device=cache.device)
+        x, sz = cache[index], None if scale_zero is None else scale_zero[index]
+    x = x.flatten(0, 1)[:n]
+    return x if sz is None else dequantize_kv(x, sz.flatten(0, 1)[:n], dtype)
 
 
 def paged_decode_attention_torch(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+    k_scale_zero: torch.Tensor | None = None, v_scale_zero: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    B, Hq, D = q.shape
-    block_size, Hk = k_cache.shape[1], k_cache.shape[2]
-    out = torch.zeros_like(q)  # padding rows (seq_len 0) stay zero
+    check_quantized(k_cache, k_scale_zero, v_cache, v_scale_zero)
+    B = q.shape[0]
+    block_size = k_cache.shape[1]
+    out = None if B == 1 else torch.zeros_like(q)  # padding rows (seq_len 0) stay zero
     # Host sync: the twin is the CPU path (where it costs nothing) and the test oracle, never inside a CUDA graph.
     for b, n in enumerate(seq_lens.tolist()):
         if n == 0:
             continue
-        k, v = _row_kv(k_cache, v_cache, block_tables[b, : (n + block_size - 1) // block_size])
-        k, v = k.reshape(-1, Hk, D)[:n].transpose(0, 1), v.reshape(-1, Hk, D)[:n].transpose(0, 1)  # (Hk, n, D)
+        ids = block_tables[b, : (n + block_size - 1) // block_size].tolist()
+        k = _row(k_cache, k_scale_zero, ids, n, q.dtype).transpose(0, 1)  # (Hk, n, D)
+        v = _row(v_cache, v_scale_zero, ids, n, q.dtype).transpose(0, 1)
         # enable_gqa shares each KV head with its Hq/Hk query heads without materialising copies.
-        out[b] = F.scaled_dot_product_attention(q[b].unsqueeze(1), k, v, scale=scale, enable_gqa=True).squeeze(1)
-    return out
+        o = F.scaled_dot_product_attention(q[b].unsqueeze(1), k, v, scale=scale, enable_gqa=True)  # (Hq, 1, D)
+        if out is None:  # batch-1 decode (the CPU's usual step): no output buffer to fill
+            return o.transpose(0, 1)
+        out[b] = o.squeeze(1)
+    return torch.zeros_like(q) if out is None else out
 
 
 @triton.jit
@@ -58,11 +71,11 @@ def _split_keys(seq_len, num_splits, BLOCK_N: tl.constexpr, MIN_SPLIT_KEYS: tl.c
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    scale_log2, num_splits, stride_qb, stride_qh, stride_cache_block, stride_bt,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr,
+    part_lse_ptr, scale_log2, num_splits, stride_qb, stride_qh, stride_cache_block, stride_bt,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT_KEYS: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, QUANT: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -93,10 +106,11 @@ def _paged_decode_kernel(
         kv_offs = (page[:, None] * stride_cache_block + (n % PAGE_SIZE)[:, None] * (KV_HEADS * HEAD_DIM)
                    + kv_head * HEAD_DIM + d[None, :])
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
+        sz_offs = page * (PAGE_SIZE * KV_HEADS * 2) + (n % PAGE_SIZE) * (KV_HEADS * 2) + kv_head * 2  # int8 only
+        k = _load_kv(k_cache_ptr, k_sz_ptr, kv_offs, sz_offs, kv_mask, n_mask, q.dtype, QUANT)
         s = _dot(q, tl.trans(k), UPCAST_DOT, DOT_PRECISION) * scale_log2  # (BLOCK_G, BLOCK_N)
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
+        v = _load_kv(v_cache_ptr, v_sz_ptr, kv_offs, sz_offs, kv_mask, n_mask, q.dtype, QUANT)
         acc, m, l = _softmax_step(s, v, m, l, acc, UPCAST_DOT, DOT_PRECISION)
 
     rows = b * (KV_HEADS * GROUP) + heads  # (BLOCK_G,) rows of out viewed as (B * Hq, D)
@@ -136,9 +150,9 @@ def _paged_decode_merge_kernel(
     tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
-def _check(q, k_cache, v_cache, block_tables, seq_lens):
+def _check(q, k_cache, v_cache, block_tables, seq_lens, quantized):
     B = q.shape[0]
-    check_caches(q, k_cache, v_cache, block_tables)
+    check_caches(q, k_cache, v_cache, block_tables, quantized)
     if block_tables.dim() != 2 or block_tables.shape[0] != B or seq_lens.shape != (B,):
         raise ValueError(f"block_tables (B, max_blocks) and seq_lens (B,) for B={B}, got "
                          f"{tuple(block_tables.shape)}, {tuple(seq_lens.shape)}")
@@ -160,8 +174,10 @@ def _num_splits(batch: int, kv_heads: int, max_keys: int, device: torch.device) 
 def paged_decode_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+    k_scale_zero: torch.Tensor | None = None, v_scale_zero: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    _check(q, k_cache, v_cache, block_tables, seq_lens)
+    quantized = check_quantized(k_cache, k_scale_zero, v_cache, v_scale_zero)
+    _check(q, k_cache, v_cache, block_tables, seq_lens, quantized)
     B, Hq, D = q.shape
     block_size, Hk = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous: the kernel assumes it
@@ -175,13 +191,15 @@ def paged_decode_attention_triton(
     part_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
     BLOCK_D = triton.next_power_of_2(D)
     _paged_decode_kernel[(B, Hk, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
+        q, k_cache, v_cache, k_scale_zero if quantized else k_cache, v_scale_zero if quantized else v_cache,
+        block_tables, seq_lens, out, part_out, part_lse,
         scale * _LOG2E, num_splits, q.stride(0), q.stride(1), k_cache.stride(0), block_tables.stride(0),
         KV_HEADS=Hk, GROUP=Hq // Hk, BLOCK_G=max(16, triton.next_power_of_2(Hq // Hk)),  # tl.dot needs M >= 16
         HEAD_DIM=D, BLOCK_D=BLOCK_D, PAGE_SIZE=block_size, BLOCK_N=_BLOCK_N, MIN_SPLIT_KEYS=_MIN_SPLIT_KEYS,
         SPLIT=split,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32: no silent TF32
         UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,  # CPU tensors mean TRITON_INTERPRET
+        QUANT=quantized,
         num_warps=4, num_stages=3,  # BLOCK_N, warps and stages: the best of a sweep on an H100 (bf16, D=128)
     )
     if split:

@@ -4,15 +4,17 @@ q (T, Hq, D) packs the new tokens of B sequences (`cu_seqlens_q`); `seq_lens[b]`
 and the new tokens' K/V are already in the cache. Query i of sequence b sits at absolute position
 `seq_lens[b] - q_len_b + i` and attends causally to keys [0, that position]. The Triton path is flash attention
 (online softmax) with a tile of BLOCK_M rows = BLOCK_Q tokens x the Hq/Hk query heads of one KV head, so each K/V
-tile read through the block table serves the whole group. Not here: single-token decode (`paged_decode.py`),
+tile read through the block table serves the whole group. An int8 cache (`k_scale_zero` / `v_scale_zero`,
+kernels/kv_int8.py) is dequantized tile by tile as it is read. Not here: single-token decode (`paged_decode.py`),
 sliding windows, ALiBi, soft-capping, non-causal (vision) attention.
 """
 
 import torch
 import torch.nn.functional as F
 
-from ._paged import _dot, _softmax_step, check_caches
+from ._paged import _dot, _load_kv, _softmax_step, check_caches
 from ._triton import triton, tl
+from .kv_int8 import check_quantized, dequantize_kv
 
 _LOG2E = 1.4426950408889634  # the kernel uses exp2, so scores are pre-multiplied by log2(e)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) keyed by "is fp32", the best of a sweep on an H100 at D=128
@@ -23,7 +25,9 @@ _PREFILL_TILES = {False: (64, 64, 4, 2), True: (32, 32, 4, 3)}
 def paged_prefill_attention_torch(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, max_seqlen_q: int, scale: float,
+    k_scale_zero: torch.Tensor | None = None, v_scale_zero: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    quantized = check_quantized(k_cache, k_scale_zero, v_cache, v_scale_zero)
     Hq, D = q.shape[1:]
     block_size, Hk = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty_like(q)  # rows past cu_seqlens_q[-1] stay unwritten, as in the Triton path
@@ -35,6 +39,9 @@ def paged_prefill_attention_torch(
         blocks = block_tables[b, : (seq_len + block_size - 1) // block_size].long()
         k = k_cache[blocks].reshape(-1, Hk, D)[:seq_len]  # (S, Hk, D)
         v = v_cache[blocks].reshape(-1, Hk, D)[:seq_len]
+        if quantized:
+            k = dequantize_kv(k, k_scale_zero[blocks].reshape(-1, Hk, 2)[:seq_len], q.dtype)
+            v = dequantize_kv(v, v_scale_zero[blocks].reshape(-1, Hk, 2)[:seq_len], q.dtype)
         q_pos = torch.arange(seq_len - (q_end - q_start), seq_len, device=q.device)  # (L,) absolute positions
         causal = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # (L, S)
         # SDPA in q.dtype, like HF's sdpa attention, so fp32 stays in step with HF.
@@ -47,10 +54,11 @@ def paged_prefill_attention_torch(
 
 @triton.jit
 def _attend_tile(
-    q, acc, m, l, n0, kv_end, pos, b, kv_head, k_cache_ptr, v_cache_ptr, block_tables_ptr,
+    q, acc, m, l, n0, kv_end, pos, b, kv_head, k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, block_tables_ptr,
     scale_log2, stride_cache_block, stride_bt,
     KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    QUANT: tl.constexpr,
 ):
     # One BLOCK_N tile of keys. Off the diagonal every key is below every row's position and below kv_end, so
     # the loads and scores need no key mask there; on it, the causal and length masks apply.
@@ -66,21 +74,22 @@ def _attend_tile(
     # (BLOCK_N, BLOCK_D) offsets into a (blocks, PAGE_SIZE, KV_HEADS, HEAD_DIM) cache, dense below the block
     kv_offs = (page[:, None] * stride_cache_block + (n % PAGE_SIZE)[:, None] * (KV_HEADS * HEAD_DIM)
                + kv_head * HEAD_DIM + d[None, :])
-    k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
+    sz_offs = page * (PAGE_SIZE * KV_HEADS * 2) + (n % PAGE_SIZE) * (KV_HEADS * 2) + kv_head * 2  # int8 only
+    k = _load_kv(k_cache_ptr, k_sz_ptr, kv_offs, sz_offs, kv_mask, n_mask, q.dtype, QUANT)
     s = _dot(q, tl.trans(k), UPCAST_DOT, DOT_PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
     if DIAGONAL:
         s = tl.where((n[None, :] <= pos[:, None]) & n_mask[None, :], s, float("-inf"))
-    v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
+    v = _load_kv(v_cache_ptr, v_sz_ptr, kv_offs, sz_offs, kv_mask, n_mask, q.dtype, QUANT)
     return _softmax_step(s, v, m, l, acc, UPCAST_DOT, DOT_PRECISION)
 
 
 @triton.jit
 def _paged_prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, seq_lens_ptr, out_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, block_tables_ptr, cu_seqlens_q_ptr, seq_lens_ptr, out_ptr,
     scale_log2, stride_qt, stride_qh, stride_cache_block, stride_bt,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, QUANT: tl.constexpr,
 ):
     q_tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -112,14 +121,14 @@ def _paged_prefill_kernel(
     full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
     for n0 in range(0, full_end, BLOCK_N):
         acc, m, l = _attend_tile(
-            q, acc, m, l, n0, kv_end, pos, b, kv_head, k_cache_ptr, v_cache_ptr, block_tables_ptr,
-            scale_log2, stride_cache_block, stride_bt,
-            KV_HEADS, HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, False, DOT_PRECISION, UPCAST_DOT)
+            q, acc, m, l, n0, kv_end, pos, b, kv_head, k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr,
+            block_tables_ptr, scale_log2, stride_cache_block, stride_bt,
+            KV_HEADS, HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, False, DOT_PRECISION, UPCAST_DOT, QUANT)
     for n0 in range(full_end, kv_end, BLOCK_N):
         acc, m, l = _attend_tile(
-            q, acc, m, l, n0, kv_end, pos, b, kv_head, k_cache_ptr, v_cache_ptr, block_tables_ptr,
-            scale_log2, stride_cache_block, stride_bt,
-            KV_HEADS, HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, True, DOT_PRECISION, UPCAST_DOT)
+            q, acc, m, l, n0, kv_end, pos, b, kv_head, k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr,
+            block_tables_ptr, scale_log2, stride_cache_block, stride_bt,
+            KV_HEADS, HEAD_DIM, BLOCK_D, PAGE_SIZE, BLOCK_N, True, DOT_PRECISION, UPCAST_DOT, QUANT)
 
     l = tl.where(l > 0, l, 1.0)
     out_rows = q_rows * (KV_HEADS * GROUP) + heads  # rows of out viewed as (T * Hq, D)
@@ -127,9 +136,9 @@ def _paged_prefill_kernel(
              (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
-def _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens):
+def _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, quantized):
     B = seq_lens.shape[0]
-    check_caches(q, k_cache, v_cache, block_tables)
+    check_caches(q, k_cache, v_cache, block_tables, quantized)
     if block_tables.dim() != 2 or block_tables.shape[0] != B or cu_seqlens_q.shape != (B + 1,):
         raise ValueError(f"block_tables (B, max_blocks) and cu_seqlens_q (B+1,) for B={B}, got "
                          f"{tuple(block_tables.shape)}, {tuple(cu_seqlens_q.shape)}")
@@ -142,8 +151,10 @@ def _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens):
 def paged_prefill_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, max_seqlen_q: int, scale: float,
+    k_scale_zero: torch.Tensor | None = None, v_scale_zero: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens)
+    quantized = check_quantized(k_cache, k_scale_zero, v_cache, v_scale_zero)
+    _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, quantized)
     T, Hq, D = q.shape
     B = seq_lens.shape[0]
     block_size, Hk = k_cache.shape[1], k_cache.shape[2]
@@ -159,12 +170,13 @@ def paged_prefill_attention_triton(
     BLOCK_D = triton.next_power_of_2(D)
     grid = (triton.cdiv(max_seqlen_q, BLOCK_Q), B, Hk)
     _paged_prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out,
+        q, k_cache, v_cache, k_scale_zero if quantized else k_cache, v_scale_zero if quantized else v_cache,
+        block_tables, cu_seqlens_q, seq_lens, out,
         scale * _LOG2E, q.stride(0), q.stride(1), k_cache.stride(0), block_tables.stride(0),
         KV_HEADS=Hk, GROUP=group, BLOCK_Q=BLOCK_Q, BLOCK_M=BLOCK_M, HEAD_DIM=D, BLOCK_D=BLOCK_D,
         PAGE_SIZE=block_size, BLOCK_N=BLOCK_N,
         DOT_PRECISION="ieee" if fp32 else "tf32",  # fp32 stays fp32: no silent TF32
         UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,  # CPU tensors mean TRITON_INTERPRET
-        num_warps=num_warps, num_stages=num_stages,
+        QUANT=quantized, num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -11,20 +11,16 @@ import torch
 from ._triton import triton, tl
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def rotary_torch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
     half = cos_sin.shape[-1] // 2
-    table = cos_sin[positions]  # (T, D)
-    cos = table[:, :half].repeat(1, 2).unsqueeze(1)  # (T, 1, D): HF's cat((freqs, freqs)).cos()
-    sin = table[:, half:].repeat(1, 2).unsqueeze(1)
+    table = cos_sin[positions].unsqueeze(1)  # (T, 1, D)
     for x in (q, k):
-        # HF `apply_rotary_pos_emb`: cos/sin cast to x.dtype, arithmetic in x.dtype.
-        c, s = cos.to(x.dtype), sin.to(x.dtype)
-        x.copy_(x * c + _rotate_half(x) * s)
+        # HF `apply_rotary_pos_emb`: cos/sin cast to x.dtype, arithmetic in x.dtype. `x1*c - x2*s` is HF's
+        # `x1*c + (-x2)*s` bit for bit (negation is exact), without materialising rotate_half or [cos | cos].
+        t = table.to(x.dtype)
+        c, s = t[..., :half], t[..., half:]
+        x1, x2 = x[..., :half], x[..., half:]
+        x.copy_(torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1))
 
 
 @triton.jit

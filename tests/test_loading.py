@@ -34,10 +34,14 @@ def test_a_checkpoint_with_no_eos_anywhere_loads_and_answers(tmp_path):
 
 
 def test_dtype_policy():
+    from engine.quant.policy import cpu_policy
+
+    policy = cpu_policy()  # measured once per process: the CPU's auto follows it
     auto = engine_config("cpu", "auto")
-    assert auto.dtype == "float32" and auto.decode_weight_dtype == "bfloat16"
+    assert (auto.dtype, auto.decode_weight_dtype, auto.quantize) == (policy.dtype, policy.decode_weight_dtype, "auto")
+    assert policy.dtype == "bfloat16" or policy.decode_weight_dtype in ("bfloat16", None)
     exact = engine_config("cpu", "float32")
-    assert exact.dtype == "float32" and exact.decode_weight_dtype is None
+    assert exact.dtype == "float32" and exact.decode_weight_dtype is None and exact.quantize is None
     assert engine_config("cuda", "auto").dtype == "bfloat16"
     assert engine_config("cpu", "bfloat16").dtype == "bfloat16"
     with pytest.raises(ValueError):

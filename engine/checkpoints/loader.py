@@ -2,7 +2,8 @@
 
 Checkpoint names equal module names except the packed projections (`engine.models.decoder.PACKED`), which are
 filled shard by shard. Every parameter must be covered exactly; anything missing or unexpected is an error that
-names the tensor, never a silently random weight.
+names the tensor, never a silently random weight. A projection whose tensor is a `QuantWeight` (engine/quant/) has
+no dense parameter: its shards are stacked and set as the module's `weight`, which the ops read as they are.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from engine.config import TextConfig
 from engine.models import MODELS, PACKED
 from kernels import KernelOps
+from kernels.quant_weight import QuantWeight, cat_rows
 
 
 def build_text_model(cfg: TextConfig, weights: dict[str, torch.Tensor], ops: KernelOps, device: torch.device,
@@ -18,6 +20,9 @@ def build_text_model(cfg: TextConfig, weights: dict[str, torch.Tensor], ops: Ker
     model_cls, _ = MODELS[cfg.model_type]
     with torch.device("meta"):
         model = model_cls(ops, cfg)
+    quantized = _quantized_shards(model, weights, cfg)
+    for path in quantized:
+        del model.get_submodule(path).weight  # no dense parameter: the QuantWeight is set below
     model.to_empty(device=device)
     model.to(dtype)
     if cfg.tie_word_embeddings:  # to_empty/to replace parameters one module at a time: tie again
@@ -25,7 +30,7 @@ def build_text_model(cfg: TextConfig, weights: dict[str, torch.Tensor], ops: Ker
     params = dict(model.named_parameters(remove_duplicate=False))
     filled = {name: 0 for name in params}
     for key, tensor in weights.items():
-        if cfg.tie_word_embeddings and key == "lm_head.weight":
+        if (cfg.tie_word_embeddings and key == "lm_head.weight") or isinstance(tensor, QuantWeight):
             continue
         parent, leaf, attr = _split(key)
         if leaf in PACKED:
@@ -46,7 +51,36 @@ def build_text_model(cfg: TextConfig, weights: dict[str, torch.Tensor], ops: Ker
     if missing:
         raise ValueError(f"checkpoint is missing weights for: {', '.join(missing[:8])}"
                          + (" ..." if len(missing) > 8 else ""))
+    for path, shards in quantized.items():
+        module = model.get_submodule(path)
+        module.weight = cat_rows(shards).to(device) if len(shards) > 1 else shards[0].to(device)
+        if module.weight.shape != (module.out_features, module.in_features):
+            raise ValueError(f"{path}: quantized shape {module.weight.shape} != model shape "
+                             f"{(module.out_features, module.in_features)}")
     return model.eval()
+
+
+def _quantized_shards(model, weights: dict, cfg: TextConfig) -> dict[str, list[QuantWeight]]:
+    """{module path: its QuantWeight shards in packing order}; a module must be quantized in all shards or none."""
+    found: dict[str, dict[int, QuantWeight]] = {}
+    for key, tensor in weights.items():
+        if not isinstance(tensor, QuantWeight) or (cfg.tie_word_embeddings and key == "lm_head.weight"):
+            continue
+        parent, leaf, attr = _split(key)
+        if attr != "weight":
+            raise ValueError(f"quantized tensor {key!r} is not a projection's weight")
+        name, shard = PACKED.get(leaf, (leaf, 0))
+        path = f"{parent}.{name}" if parent else name
+        found.setdefault(path, {})[shard] = tensor
+    out = {}
+    for path, shards in found.items():
+        parent, _, name = path.rpartition(".")
+        packed = name in {p for p, _ in PACKED.values()}
+        count = len(getattr(model.get_submodule(parent), name.replace("_proj", "_shards"))) if packed else 1
+        if sorted(shards) != list(range(count)):
+            raise ValueError(f"{path}: some shards are quantized and others not ({sorted(shards)} of {count})")
+        out[path] = [shards[i] for i in range(count)]
+    return out
 
 
 def _split(key: str) -> tuple[str, str, str]:

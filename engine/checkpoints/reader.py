@@ -103,4 +103,11 @@ class Checkpoint:
         return read_json(self.path, name)
 
     def parts(self, prefixes: Prefixes) -> dict[str, dict[str, torch.Tensor]]:
-        return split_parts(read_safetensors(self.path), prefixes)
+        """Tensors by part; an AWQ / GPTQ checkpoint's quantized projections as `QuantWeight`s (engine/quant/)."""
+        tensors = read_safetensors(self.path)
+        qcfg = self.config.get("quantization_config")
+        if qcfg:
+            from engine.quant.formats import from_checkpoint
+
+            tensors = from_checkpoint(tensors, qcfg)
+        return split_parts(tensors, prefixes)

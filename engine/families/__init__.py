@@ -29,17 +29,27 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def engine_config(device: str | None = None, dtype: str = "auto", **engine_kw) -> EngineConfig:
-    """The device (CUDA when present) and the dtype policy. `auto`: bf16 on CUDA; on a CPU fp32 prefill with bf16
-    weight copies for decode steps (the fastest by measurement, bench/cpu_lm.py). `float32`: fp32 everywhere, so
-    greedy text equals transformers' fp32 for as long as its logits have no near-tie."""
+    """The device (CUDA when present) and the dtype policy. `auto`: bf16 on CUDA; on a CPU by measurement, once per
+    process (engine/quant/policy.py): bf16 where its prefill matmul is clearly faster (AMX, AVX512-BF16), else fp32
+    prefill with bf16 weight copies for decode steps where those are faster; and `quantize="auto"`, so the embedded
+    default keeps its GGUF's 4-bit blocks where the int4 kernel beats the dense decode. `float32`: fp32 everywhere
+    and no quantization unless asked, so greedy text equals transformers' fp32 for as long as its logits have no
+    near-tie."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
     if dtype == "auto":
-        dtype = "bfloat16" if cuda else "float32"
-        if not cuda:
-            engine_kw.setdefault("decode_weight_dtype", "bfloat16")
+        engine_kw.setdefault("quantize", "auto")
+        if cuda:
+            dtype = "bfloat16"
+        else:
+            from engine.quant.policy import cpu_policy
+
+            policy = cpu_policy()
+            dtype = policy.dtype
+            if policy.decode_weight_dtype is not None:
+                engine_kw.setdefault("decode_weight_dtype", policy.decode_weight_dtype)
     return EngineConfig(device=device, dtype=dtype, **engine_kw)
 
 

@@ -8,11 +8,13 @@ known before it is classified.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers import AutoTokenizer
 
 from engine.checkpoints.reader import Checkpoint, chat_template
-from engine.checkpoints.smollm_gguf import IMAGE_TOKEN, default_lm_checkpoint
+from engine.checkpoints.smollm_gguf import IMAGE_TOKEN, default_lm_blocks, default_lm_checkpoint
 from engine.config import EngineConfig
 from engine.families.base import LoadedModel
 from engine.image_inputs import ImageInput, ImageInputs, Reading
@@ -41,11 +43,26 @@ class LabelImages(ImageInputs):
         return [p.embeds for p in projected]
 
 
+def keeps_gguf_blocks(engine_cfg: EngineConfig) -> bool:
+    """`quantize="gguf"`, or "auto" on a CPU whose int4 kernel measures faster than its dense decode there
+    (engine/quant/policy.py). Elsewhere "auto" is the dense weights (bf16 on a GPU)."""
+    if engine_cfg.quantize == "auto" and torch.device(engine_cfg.device).type == "cpu":
+        from engine.quant.policy import cpu_policy
+
+        return cpu_policy().int4_decode
+    return engine_cfg.quantize == "gguf"
+
+
 def load(engine_cfg: EngineConfig) -> LoadedModel:
     ck = Checkpoint.load(default_lm_checkpoint())
     tokenizer = AutoTokenizer.from_pretrained(ck.path)
     encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
-    engine = build_engine(ck, ck.config, ck.parts(TEXT_PREFIXES)["text"], tokenizer, engine_cfg)
+    if keeps_gguf_blocks(engine_cfg):
+        weights = default_lm_blocks()
+        engine_cfg = dataclasses.replace(engine_cfg, quantize="gguf")
+    else:
+        weights = ck.parts(TEXT_PREFIXES)["text"]
+    engine = build_engine(ck, ck.config, weights, tokenizer, engine_cfg)
     classifier = load_efficientnet_lite0(engine_cfg.device, torch.float32)
     labels = LabelProjector(classifier.class_names, encode, engine.embed_tokens, device=engine_cfg.device)
     engine.attach_images(LabelImages(classifier, labels, encode("\n")[0], engine_cfg.device))

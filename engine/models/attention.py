@@ -32,13 +32,18 @@ class PagedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
         self.k_cache = self.v_cache = None  # bound by the model runner once the cache is allocated
+        self.k_scale_zero = self.v_scale_zero = None  # an int8 cache's scales and zeros (kernels/kv_int8.py)
+
+    def bind_cache(self, k_cache, v_cache, k_scale_zero=None, v_scale_zero=None) -> None:
+        self.k_cache, self.v_cache, self.k_scale_zero, self.v_scale_zero = k_cache, v_cache, k_scale_zero, v_scale_zero
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                 cos_sin: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         # q (T, Hq, D); k, v (T, Hk, D), not yet rotated
-        self.ops.rope_store_kv(q, k, v, positions, cos_sin, self.k_cache, self.v_cache, md.slot_mapping)
+        int8 = (self.k_scale_zero, self.v_scale_zero)
+        self.ops.rope_store_kv(q, k, v, positions, cos_sin, self.k_cache, self.v_cache, md.slot_mapping, *int8)
         if md.is_prefill:
             return self.ops.paged_prefill_attention(q, self.k_cache, self.v_cache, md.block_tables,
-                                                    md.cu_seqlens_q, md.seq_lens, md.max_seqlen_q, self.scale)
+                                                    md.cu_seqlens_q, md.seq_lens, md.max_seqlen_q, self.scale, *int8)
         return self.ops.paged_decode_attention(q, self.k_cache, self.v_cache, md.block_tables, md.seq_lens,
-                                               self.scale)
+                                               self.scale, *int8)

@@ -41,8 +41,9 @@ class Linear(nn.Linear):
 
 
 def add_lowp_copies(model: nn.Module, dtype: torch.dtype) -> None:
+    """A `dtype` copy for every Linear that has no decode weight yet (quantized ones have theirs: engine/quant/)."""
     for module in model.modules():
-        if isinstance(module, Linear):
+        if isinstance(module, Linear) and module.lowp is None and isinstance(module.weight, torch.Tensor):
             module.lowp = module.weight.detach().to(dtype)
 
 

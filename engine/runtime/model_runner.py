@@ -74,9 +74,9 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // cfg.block_size)
         text = model.config
         self.cos_sin = cos_sin_cache(text.rope, text.head_dim, max_model_len, device)
-        self.kv = allocate(text, blocks.num_blocks, cfg.block_size, dtype, device)
-        for layer, (k, v) in zip(model.model.layers, self.kv):
-            layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = k, v
+        self.kv = allocate(text, blocks.num_blocks, cfg.block_size, dtype, device, cfg.kv_cache_dtype == "int8")
+        for layer, kv in zip(model.model.layers, self.kv):
+            layer.self_attn.attn.bind_cache(*kv)
         self.sampler = Sampler(device)
         if device.type == "cuda":
             # Two pinned outboxes for sampled tokens, used in turn: at most one step is unresolved when another is

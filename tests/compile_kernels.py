@@ -1,0 +1,60 @@
+"""Compiles the quantized-weight and int8-KV Triton kernels for an sm_90 GPU without one (Triton's own ptxas), to
+catch what TRITON_INTERPRET cannot: code that interprets as Python but does not compile. Run by
+tests/test_kernels_compile.py in a subprocess, as TRITON_INTERPRET must be unset before triton is imported."""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import kernels.kv_store as ks
+import kernels.paged_decode as pd
+import kernels.paged_prefill as pp
+import kernels.quant_gemv as qg
+import kernels.quant_matmul as qm
+
+BF16 = "*bf16"
+
+
+def compile_one(fn, types: dict, consts: dict) -> None:
+    signature = {n: types.get(n, "i32") for n in fn.arg_names if n not in consts}
+    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+
+
+def main():
+    for bits, group, mode, zero, perm, pro in [(4, 32, 2, True, False, 1), (4, 128, 1, True, True, 2),
+                                               (8, 4096, 0, False, False, 0), (8, 32, 2, False, True, 1)]:
+        compile_one(qg._quant_gemv_kernel,
+                    dict(x_ptr=BF16, norm_w_ptr=BF16, q_ptr="*u8" if bits == 4 else "*i8", s_ptr="*fp32",
+                         z_ptr="*fp32", perm_ptr="*i64", bias_ptr=BF16, res_ptr=BF16, y_ptr=BF16, eps="fp32"),
+                    dict(BITS=bits, GROUP=group, MODE=mode, HAS_ZERO=zero, HAS_PERM=perm, PROLOGUE=pro,
+                         HAS_BIAS=True, HAS_RESIDUAL=True, BLOCK_N=2, BLOCK_K=1024))
+    for bits, group, per_row, zero, perm in [(4, 32, False, True, False), (4, 128, False, True, True),
+                                             (8, 4096, True, False, False)]:
+        compile_one(qm._quant_matmul_kernel,
+                    dict(x_ptr=BF16, q_ptr="*u8" if bits == 4 else "*i8", s_ptr="*fp32", z_ptr="*fp32",
+                         perm_ptr="*i64", bias_ptr=BF16, res_ptr=BF16, y_ptr=BF16),
+                    dict(BITS=bits, GROUP=group, PER_ROW=per_row, HAS_ZERO=zero, HAS_PERM=perm, HAS_BIAS=False,
+                         HAS_RESIDUAL=True, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64 if per_row else min(group, 128),
+                         DOT_PRECISION="tf32", UPCAST_DOT=False))
+    for quant in (False, True):
+        cache = "*u8" if quant else BF16
+        compile_one(ks._rope_store_kv_kernel,
+                    dict(q_ptr=BF16, k_ptr=BF16, v_ptr=BF16, pos_ptr="*i64", cos_sin_ptr="*fp32", k_cache_ptr=cache,
+                         v_cache_ptr=cache, k_sz_ptr="*fp16", v_sz_ptr="*fp16", slot_ptr="*i64"),
+                    dict(HEAD_DIM=128, HALF=64, BLOCK_HALF=64, BLOCK_D=128, BLOCK_HQ=32, BLOCK_HK=8, QUANT=quant))
+        compile_one(pd._paged_decode_kernel,
+                    dict(q_ptr=BF16, k_cache_ptr=cache, v_cache_ptr=cache, k_sz_ptr="*fp16", v_sz_ptr="*fp16",
+                         block_tables_ptr="*i32", seq_lens_ptr="*i32", out_ptr=BF16, part_out_ptr="*fp32",
+                         part_lse_ptr="*fp32", scale_log2="fp32"),
+                    dict(KV_HEADS=8, GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, PAGE_SIZE=16, BLOCK_N=64,
+                         MIN_SPLIT_KEYS=64, SPLIT=True, DOT_PRECISION="tf32", UPCAST_DOT=False, QUANT=quant))
+        compile_one(pp._paged_prefill_kernel,
+                    dict(q_ptr=BF16, k_cache_ptr=cache, v_cache_ptr=cache, k_sz_ptr="*fp16", v_sz_ptr="*fp16",
+                         block_tables_ptr="*i32", cu_seqlens_q_ptr="*i32", seq_lens_ptr="*i32", out_ptr=BF16,
+                         scale_log2="fp32"),
+                    dict(KV_HEADS=8, GROUP=4, BLOCK_Q=16, BLOCK_M=64, HEAD_DIM=128, BLOCK_D=128, PAGE_SIZE=16,
+                         BLOCK_N=64, DOT_PRECISION="tf32", UPCAST_DOT=False, QUANT=quant))
+    print("compiled")
+
+
+if __name__ == "__main__":
+    main()
