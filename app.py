@@ -6,7 +6,8 @@ for a plan and a stream of events, and renders them. It does NOT load weights, d
 schedule anything: that is `engine.chat` (and, below it, the engine and `vision/`). Importing this file loads no
 model; `main()` does, from the command line:
 
-    python app.py [--model M] [--device D] [--dtype {auto,float32,bfloat16,float16}] [--host H] [--port P] [--share]
+    python app.py [--model M] [--device D] [--dtype ...] [--quantize ...] [--kv-cache-dtype int8] [--session-len N]
+                  [--rope-scaling-factor F] [--host H] [--port P] [--share]   (`--help` lists all)
 
 Gradio's own ChatInterface supplies retry, undo, edit, copy, clear, stop and the streaming `/chat` API endpoint.
 
@@ -34,7 +35,7 @@ from typing import Any
 import gradio as gr
 
 from engine.chat import CHAT_DEFAULTS, ChatImage, ChatModel, ChatTurn, Finished, GenerationSettings, Queued, TextDelta
-from engine.families import DTYPES
+from engine.options import add_model_args, model_kwargs
 from engine.sampling_params import SEED_MAX, InvalidParameter
 
 log = logging.getLogger("app")
@@ -487,10 +488,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="model id or path (default: LLaVA if the Hub is reachable, "
                         "else the embedded offline model; 'default' forces the embedded one); with --backend, a "
                         "local copy of the served checkpoint, for exact fitting")
-    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
-    parser.add_argument("--dtype", default="auto", choices=DTYPES,
-                        help="auto: bf16 on CUDA; on a CPU fp32 prefill with bf16 weight copies for decode steps "
-                             "(fastest by measurement); float32: fp32 everywhere")
+    add_model_args(parser.add_argument_group("model loading"))
     parser.add_argument("--host", default=None, help="address to listen on (default: Gradio's, 127.0.0.1 locally)")
     parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860)")
     parser.add_argument("--share", action="store_true", help="also open a public *.gradio.live link (off by default)")
@@ -517,7 +515,7 @@ def load(args: argparse.Namespace):
         from engine.chat.remote import RemoteChatModel
 
         return RemoteChatModel(args.backend, args.backend_api_key, args.backend_model, tokenizer=args.model)
-    return ChatModel.load(args.model, args.device, args.dtype)
+    return ChatModel.load(args.model, **model_kwargs(args))
 
 
 def api_routes(model, args: argparse.Namespace) -> list:

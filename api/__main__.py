@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.families import DTYPES
+from engine.options import add_model_args, model_kwargs
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -24,10 +24,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--allowed-media-domains", nargs="*", default=[],
                    help="hosts whose http(s) image URLs may be fetched (exact names, or *.example.com); "
                         "data: URIs are always accepted")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="auto", choices=DTYPES)
-    p.add_argument("--max-model-len", type=int, default=None, help="cap the context (default: the model's)")
-    p.add_argument("--max-num-seqs", type=int, default=None, help="replies run at once (more wait in a queue)")
+    add_model_args(p)
+    p.add_argument("--max-model-len", type=int, default=None, help="the same as --session-len (vLLM's name)")
     return p.parse_args(argv)
 
 
@@ -48,9 +46,9 @@ def main(argv=None) -> int:
 
     from engine.chat import ChatModel
 
-    engine_kw = {k: v for k, v in (("max_model_len", args.max_model_len), ("max_num_seqs", args.max_num_seqs))
-                 if v is not None}
-    model = ChatModel.load(args.model, args.device, args.dtype, **engine_kw)
+    if args.max_model_len is not None:
+        args.session_len = args.max_model_len
+    model = ChatModel.load(args.model, **model_kwargs(args))
     name = args.served_model_name or args.model or model.name
     try:
         print(f"serving {name} ({model.name}, context {model.context_len}) at http://{args.host}:{args.port}/v1",

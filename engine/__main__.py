@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from engine.chat.types import CLI_DEFAULTS
-from engine.families import DTYPES
+from engine.options import add_model_args, model_kwargs
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -33,10 +33,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--max-image-tokens", type=int, default=None,
                    help="at most this many tokens per image (a cheaper reading of it where the model has one)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="auto: bf16 on CUDA; on a CPU fp32 with bf16 weight copies for decode (fastest); "
-                        "float32: fp32 everywhere (greedy text equals transformers' fp32)")
+    add_model_args(p)
     p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
     return p.parse_args(argv)
 
@@ -59,7 +56,7 @@ def main(argv=None) -> int:
     except InvalidParameter as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    model = ChatModel.load(args.model, args.device, args.dtype)
+    model = ChatModel.load(args.model, **model_kwargs(args))
     try:
         return _run(model, args, images, settings)
     finally:

@@ -114,6 +114,7 @@ class TextConfig:
 DEFAULT_STEP_TOKENS = {"cuda": 1024, "cpu": 128}
 
 QUANTIZE = (None, "auto", "w8a16", "w4a16", "gguf")
+KV_CACHE_DTYPES = ("auto", "int8")
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,10 @@ class EngineConfig:
     # (each step costs about as much as this many prompt tokens); smaller costs the long prompt more steps' overhead.
     # None: `DEFAULT_STEP_TOKENS` for the device (the comment there says why), and never below max_num_seqs.
     max_num_batched_tokens: int | None = None
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_model_len: int | None = None  # None: the model's max_position_embeddings (LMDeploy's session_len)
+    # Dynamic NTK RoPE scaling with this factor (LMDeploy's rope_scaling_factor, transformers' "dynamic" rope type),
+    # replacing the checkpoint's own scaling; None keeps the checkpoint's.
+    rope_scaling_factor: float | None = None
     kv_cache_fraction: float = 0.85  # of free accelerator memory after weights (like LMDeploy's cache_max_entry_count)
     kv_cache_cpu_bytes: int = 1 << 30  # KV budget on CPU
     num_kv_blocks: int | None = None  # overrides the sizing above (tests)
@@ -174,8 +178,12 @@ class EngineConfig:
             raise ValueError("decode_weight_dtype must be None, bfloat16 or float16")
         if self.quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
-        if self.kv_cache_dtype not in ("auto", "int8"):
-            raise ValueError(f"kv_cache_dtype must be auto or int8, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if self.rope_scaling_factor is not None and not self.rope_scaling_factor >= 1:
+            raise ValueError(f"rope_scaling_factor must be at least 1, got {self.rope_scaling_factor!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError("block_size must be a power of two")
         if not 0 < self.kv_cache_fraction <= 1:

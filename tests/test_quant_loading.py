@@ -52,10 +52,16 @@ def test_gptq_unpacking_follows_the_reference_formula(bits, act_order, v1):
 
 
 def _prefill_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
+    """All-position logits of one prefill of `ids` (a text-only prompt) in one step through the engine's runner."""
     seq = engine.add_request(ids, SamplingParams(max_new_tokens=1))
-    batch, _ = engine.scheduler.schedule()
+    budget, engine.scheduler.max_num_batched_tokens = engine.scheduler.max_num_batched_tokens, len(ids)
+    try:
+        batch = engine.scheduler.schedule()
+    finally:
+        engine.scheduler.max_num_batched_tokens = budget
+    assert [(c.seq, c.start, c.end) for c in batch.chunks] == [(seq, 0, len(ids))]
     with torch.inference_mode():
-        embeds, positions, md = engine.runner.prepare_prefill(batch)
+        embeds, positions, md = engine.runner.prepare_prefill(batch.chunks)
         logits = engine.model.logits(engine.model(embeds, positions, engine.runner.cos_sin, md))
     engine.abort(seq)
     return logits
