@@ -51,7 +51,7 @@ def _quant_gemv_kernel(
     N, K, stride_qn, stride_sn, eps,
     BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -71,13 +71,15 @@ def _quant_gemv_kernel(
     z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_sn
     acc = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)  # reduced over K once, after the loop
     xsum = tl.zeros((BLOCK_C,), tl.float32)  # per-row mode: sum of x, for the zeros
+    acc_g = tl.zeros((BLOCK_N, NG), tl.float32)  # groups-in-tile mode: per (row, group of the tile)
     for k0 in range(0, K, BLOCK_K):
         col = k0 // PACK + c
         col_mask = col < K // PACK
         q = tl.load(q_rows + col[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0)
         if BITS == 4:
-            x_lo = _x_at(x_ptr, norm_w_ptr, perm_ptr, 2 * col, col_mask, K, rstd, PROLOGUE, HAS_PERM)
-            x_hi = _x_at(x_ptr, norm_w_ptr, perm_ptr, 2 * col + 1, col_mask, K, rstd, PROLOGUE, HAS_PERM)
+            pair = 2 * col[:, None] + tl.arange(0, 2)[None, :]  # (BLOCK_C, 2): x read contiguously, then split
+            x_lo, x_hi = tl.split(_x_at(x_ptr, norm_w_ptr, perm_ptr, pair, col_mask[:, None], K, rstd, PROLOGUE,
+                                        HAS_PERM))
             qx = (q & 0xF).to(tl.float32) * x_lo[None, :] + (q >> 4).to(tl.float32) * x_hi[None, :]
             xs = x_lo + x_hi
         else:
@@ -92,17 +94,16 @@ def _quant_gemv_kernel(
             if HAS_ZERO:
                 part += tl.load(z_rows + k0 // GROUP, mask=row_mask[:, None], other=0.0).to(tl.float32) * xs[None, :]
             acc += part
-        else:  # whole groups in the tile: (BLOCK_N, groups, group columns)
-            NG: tl.constexpr = BLOCK_K // GROUP
+        else:  # whole groups in the tile: each (row, group)'s integer dot, then its scale
             g = k0 // GROUP + tl.arange(0, NG)
             g_mask = row_mask[:, None] & (g[None, :] < K // GROUP)
             s = tl.load(s_rows + g[None, :], mask=g_mask, other=0.0).to(tl.float32)  # (BLOCK_N, NG)
-            part = tl.reshape(qx, (BLOCK_N, NG, GROUP // PACK)) * s[:, :, None]
+            part = tl.sum(tl.reshape(qx, (BLOCK_N, NG, GROUP // PACK)), axis=2) * s
             if HAS_ZERO:
                 z = tl.load(z_rows + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
-                part += z[:, :, None] * tl.reshape(xs, (1, NG, GROUP // PACK))
-            acc += tl.reshape(part, (BLOCK_N, BLOCK_C))
-    y = tl.sum(acc, axis=1)  # (BLOCK_N,)
+                part += z * tl.sum(tl.reshape(xs, (NG, GROUP // PACK)), axis=1)[None, :]
+            acc_g += part
+    y = tl.sum(acc, axis=1) + tl.sum(acc_g, axis=1)  # (BLOCK_N,)
     if MODE == 0:
         y = y * tl.load(s_ptr + rows * stride_sn, mask=row_mask, other=0.0).to(tl.float32)
         if HAS_ZERO:
@@ -126,27 +127,36 @@ def group_mode(w: QuantWeight, block_k: int) -> int | None:
     return _MODE_TILE_IN_GROUP if G >= block_k else _MODE_GROUPS_IN_TILE
 
 
-def _block_sizes(w: QuantWeight) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K): gemv.py's shape rules (a few rows a program, long K steps) in input columns; a 4-bit
-    tile of BLOCK_K columns is BLOCK_K / 2 bytes a row. Untuned on GPUs so far: bench/gpu_quant.py sweeps it."""
+def _block_sizes(w: QuantWeight) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) by measurement on an H200 (bench/quant_sweep.py, Llama-2-7B projections):
+    enough rows a program that the input (and its norm / SwiGLU prologue) is re-read little, a K step of a few
+    hundred columns, and at least ~2 programs per SM."""
     N, K = w.shape
-    block_n = 4 if N >= 8192 else 2
-    block_k = min(triton.next_power_of_2(K), 1024 if w.bits == 8 else 2048)
-    return block_n, max(block_k, 32)
+    block_n, block_k, warps = GEMV_TILES[w.bits]
+    while block_n > 4 and triton.cdiv(N, block_n) < 256:
+        block_n //= 2
+    return block_n, max(min(block_k, triton.next_power_of_2(K)), 32), warps
 
 
-def _quant_gemv(x, w: QuantWeight, bias, residual, prologue, norm_weight=None, eps=0.0):
+# bits -> (BLOCK_N, BLOCK_K, num_warps) of the one-row GEMV: the least total time over the 7B projections in
+# bench/quant_sweep.py on an H200 (4-bit: 56-70 us a projection, from 108-123 us with per-column scale reads).
+GEMV_TILES = {4: (16, 1024, 8), 8: (16, 512, 8)}
+
+
+def _quant_gemv(x, w: QuantWeight, bias, residual, prologue, norm_weight=None, eps=0.0, tiles=None):
     N, K = w.shape
-    BLOCK_N, BLOCK_K = _block_sizes(w)
+    BLOCK_N, BLOCK_K, warps, *mode = tiles or _block_sizes(w)
+    mode = mode[0] if mode else group_mode(w, BLOCK_K)
     y = torch.empty((1, N), dtype=x.dtype, device=x.device)
     _quant_gemv_kernel[(triton.cdiv(N, BLOCK_N),)](
         x, norm_weight if norm_weight is not None else x, w.qweight, w.scales,
         w.zeros if w.zeros is not None else w.scales, w.perm if w.perm is not None else x,
         bias if bias is not None else x, residual if residual is not None else x, y,
         N, K, w.qweight.stride(0), w.scales.stride(0), eps,
-        BITS=w.bits, GROUP=w.group_size, MODE=group_mode(w, BLOCK_K), HAS_ZERO=w.zeros is not None,
+        BITS=w.bits, GROUP=w.group_size, MODE=mode, HAS_ZERO=w.zeros is not None,
         HAS_PERM=w.perm is not None, PROLOGUE=prologue, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=3,
+        HAS_RESIDUAL=residual is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, NG=max(BLOCK_K // w.group_size, 1),
+        num_warps=warps, num_stages=3,
     )
     return y
 

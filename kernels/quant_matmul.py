@@ -1,18 +1,19 @@
 """Dequantize-GEMM: y = x @ W.T (+ bias) (+ residual) for a quantized W (kernels/quant_weight.py), several rows.
 
-Prefill and batched decode on the GPU. Each program owns a (BLOCK_M, BLOCK_N) output tile and walks K in steps that
-lie inside one group: the weight tile is loaded as integers, converted to x's dtype (exact: 4- and 8-bit integers fit
-bf16's mantissa) and multiplied on the tensor cores; the group's scale multiplies the tile's fp32 product and its
-zero the row sums of x (`sum_k (q*s + z) x = s * sum_k q x + z * sum_k x`). A 4-bit tile is two dots, the low
-nibbles against x's even columns and the high ones against its odd columns, so nothing is interleaved in registers.
+Batched decode and prefill on the GPU. Up to DEQUANT_CUBLAS_ROWS rows (batched decode, small chunks), one fused
+kernel: each program owns a (BLOCK_M, BLOCK_N) output tile and walks K in steps inside one group, loading the packed
+tile (K contiguous per row, 4-bit nibbles split with `tl.join`), dequantizing it in fp32 with the group's scale and
+zero, rounding it once to x's dtype (as the twin does) and multiplying on the tensor cores; the weight is read once
+per BLOCK_M rows, so a 4-bit batch-32 step reads a quarter of bf16's bytes. More rows (prefill: compute-bound): the
+weight is dequantized by `dequantize_triton` and multiplied by cuBLAS.
 
 The twin is `kernels.quant_weight.quant_linear_torch` (+ residual): the weight dequantized to x's dtype and
 nn.Linear. Not here: one-row GEMVs (kernels/quant_gemv.py), the CPU path (kernels/quant_cpu.py).
 """
 
 import torch
+import torch.nn.functional as F
 
-from ._paged import _dot
 from ._triton import triton, tl
 from .quant_weight import QuantWeight, quant_linear_torch
 
@@ -23,71 +24,44 @@ def quant_matmul_torch(x, w: QuantWeight, bias=None, residual=None):
 
 
 @triton.jit
-def _dot_q(a, q, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """a @ q for integer weights q: converted to a's dtype for the tensor cores (exact: they fit its mantissa);
-    under TRITON_INTERPRET (UPCAST) straight to fp32, as the interpreter mishandles bf16."""
-    if UPCAST:
-        c = _dot(a.to(tl.float32), q.to(tl.float32), False, "ieee")
-    else:
-        c = _dot(a, q.to(a.dtype), False, PRECISION)
-    return c
-
-
-@triton.jit
-def _x_cols(x_ptr, perm_ptr, rm, k, m_mask, k_mask, stride_xm, HAS_PERM: tl.constexpr):
-    """x[rm, k] (BLOCK_M, len(k)); act-order reads column perm[k]."""
-    if HAS_PERM:
-        k = tl.load(perm_ptr + k, mask=k_mask, other=0)
-    return tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + k[None, :],
-                   mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-
-
-@triton.jit
 def _quant_matmul_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, res_ptr, y_ptr,
     M, N, K, stride_xm, stride_qn, stride_sn, stride_rm, stride_ym,
-    BITS: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr, HAS_ZERO: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = rm < M, rn < N
     PACK: tl.constexpr = 2 if BITS == 4 else 1
     BLOCK_C: tl.constexpr = BLOCK_K // PACK
-    c = tl.arange(0, BLOCK_C)
     x_dtype = x_ptr.dtype.element_ty
-    q_cols = q_ptr + rn.to(tl.int64)[None, :] * stride_qn  # (1, BLOCK_N): the weight read as (K, N)
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    q_rows = q_ptr + rn.to(tl.int64)[:, None] * stride_qn  # (BLOCK_N, 1): the weight's rows, K contiguous
+    s_rows = s_ptr + rn.to(tl.int64) * stride_sn
+    z_rows = z_ptr + rn.to(tl.int64) * stride_sn
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    xsum = tl.zeros((BLOCK_M,), tl.float32)  # per-row scales: row sums of x, for the zeros
-    for k0 in range(0, K, BLOCK_K):
-        col = k0 // PACK + c
-        col_mask = col < K // PACK
-        q = tl.load(q_cols + col[:, None], mask=col_mask[:, None] & n_mask[None, :], other=0)  # (BLOCK_C, BLOCK_N)
-        if BITS == 4:
-            a_lo = _x_cols(x_ptr, perm_ptr, rm, 2 * col, m_mask, col_mask, stride_xm, HAS_PERM)
-            a_hi = _x_cols(x_ptr, perm_ptr, rm, 2 * col + 1, m_mask, col_mask, stride_xm, HAS_PERM)
-            part = _dot_q(a_lo, q & 0xF, UPCAST_DOT, DOT_PRECISION)
-            part += _dot_q(a_hi, q >> 4, UPCAST_DOT, DOT_PRECISION)
-            rows_sum = tl.sum(a_lo.to(tl.float32), axis=1) + tl.sum(a_hi.to(tl.float32), axis=1)
-        else:
-            a = _x_cols(x_ptr, perm_ptr, rm, col, m_mask, col_mask, stride_xm, HAS_PERM)
-            part = _dot_q(a, q, UPCAST_DOT, DOT_PRECISION)
-            rows_sum = tl.sum(a.to(tl.float32), axis=1)
-        if PER_ROW:
-            acc += part
-            xsum += rows_sum
-        else:  # BLOCK_K divides GROUP: one group per step
-            s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
-            acc += part * s[None, :]
-            if HAS_ZERO:
-                z = tl.load(z_ptr + rn * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
-                acc += rows_sum[:, None] * z[None, :]
-    if PER_ROW:
-        acc = acc * tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    for k0 in range(0, K, BLOCK_K):  # BLOCK_K divides GROUP: one scale (and zero) per row and step
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < K
+        xk = tl.load(perm_ptr + k, mask=k_mask, other=0) if HAS_PERM else k
+        a = tl.load(x_rows + xk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+        col = k0 // PACK + tl.arange(0, BLOCK_C)
+        q = tl.load(q_rows + col[None, :], mask=n_mask[:, None] & (col < K // PACK)[None, :], other=0)
+        if BITS == 4:  # columns 2j and 2j + 1 are byte j's low and high nibbles
+            q = tl.reshape(tl.join(q & 0xF, q >> 4), (BLOCK_N, BLOCK_K))
+        g = k0 // GROUP
+        w = q.to(tl.float32) * tl.load(s_rows + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
         if HAS_ZERO:
-            acc += xsum[:, None] * tl.load(z_ptr + rn * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            w += tl.load(z_rows + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        w = w.to(x_dtype)  # the twin's weight, dequantized in fp32 and rounded once to x's dtype
+        if UPCAST_DOT:  # TRITON_INTERPRET mishandles bf16 dots: the same products in fp32
+            acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        elif x_dtype == tl.float32:
+            acc += tl.dot(a, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(a, tl.trans(w))
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
@@ -98,17 +72,57 @@ def _quant_matmul_kernel(
              mask=out_mask)
 
 
-def _tiles(M: int, w: QuantWeight) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). BLOCK_K lies inside a group (<= 128 columns); small
-    batches take 16-row tiles (tl.dot's minimum). Untuned on GPUs so far: bench/gpu_quant.py sweeps them."""
+@triton.jit
+def _dequantize_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_qn, stride_sn,
+                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """w[n, k] = q * s + z, computed in fp32 and rounded once to w's dtype (the stored column order)."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    PACK: tl.constexpr = 2 if BITS == 4 else 1
+    col = tl.program_id(1) * (BLOCK_K // PACK) + tl.arange(0, BLOCK_K // PACK)
+    n_mask = rn < N
+    q = tl.load(q_ptr + rn.to(tl.int64)[:, None] * stride_qn + col[None, :],
+                mask=n_mask[:, None] & (col < K // PACK)[None, :], other=0)
+    if BITS == 4:
+        q = tl.reshape(tl.join(q & 0xF, q >> 4), (BLOCK_N, BLOCK_K))
+    mask = n_mask[:, None] & (k < K)[None, :]
+    g = rn.to(tl.int64)[:, None] * stride_sn + (k // GROUP)[None, :]
+    w = q.to(tl.float32) * tl.load(s_ptr + g, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        w += tl.load(z_ptr + g, mask=mask, other=0.0).to(tl.float32)
+    tl.store(w_ptr + rn.to(tl.int64)[:, None] * K + k[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_triton(w: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The (N, K) weight in its stored column order (act-order: the input's columns perm), in `dtype`."""
     N, K = w.shape
-    block_k = min(w.group_size, 128) if w.group_size != K else 64
-    block_m = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 256 else 128
-    block_n = 64 if M <= 64 else 128
-    return block_m, block_n, max(block_k, 32), 4, 3
+    out = torch.empty((N, K), dtype=dtype, device=w.device)
+    BLOCK_N, BLOCK_K = 16, 256
+    _dequantize_kernel[(triton.cdiv(N, BLOCK_N), triton.cdiv(K, BLOCK_K))](
+        w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, out, N, K, w.qweight.stride(0),
+        w.scales.stride(0), BITS=w.bits, GROUP=w.group_size, HAS_ZERO=w.zeros is not None,
+        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4)
+    return out
 
 
-def quant_matmul_triton(x, w: QuantWeight, bias=None, residual=None):
+def _tiles(M: int, w: QuantWeight) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by measurement on an H200 (bench/quant_sweep.py). BLOCK_K
+    divides the group (a per-channel weight is one group of K)."""
+    N, K = w.shape
+    block_m, block_n, block_k, warps, stages = GEMM_TILES[16 if M <= 16 else 32 if M <= 32 else 64]
+    while w.group_size != K and w.group_size % block_k:  # per-channel: one group, any step
+        block_k //= 2
+    return block_m, block_n, block_k, warps, stages
+
+
+# rows (<=) -> tiles of the fused dequantize-GEMM; past DEQUANT_CUBLAS_ROWS rows the weight is dequantized to x's
+# dtype by `dequantize_triton` and multiplied by cuBLAS (prefill: compute-bound, where cuBLAS wins).
+GEMM_TILES = {16: (16, 64, 128, 8, 4), 32: (32, 64, 128, 4, 3), 64: (32, 64, 128, 4, 3)}
+DEQUANT_CUBLAS_ROWS = 64
+
+
+def quant_matmul_triton(x, w: QuantWeight, bias=None, residual=None, tiles=None):
     N, K = w.shape
     G = w.group_size
     if G != K and (G & (G - 1) or G < 32):
@@ -124,18 +138,20 @@ def quant_matmul_triton(x, w: QuantWeight, bias=None, residual=None):
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return y
-    BLOCK_M, BLOCK_N, BLOCK_K, warps, stages = _tiles(M, w)
-    fp32 = x.dtype == torch.float32
+    if x.is_cuda and M > DEQUANT_CUBLAS_ROWS and tiles is None:
+        xs = x if w.perm is None else x[:, w.perm]
+        y = F.linear(xs, dequantize_triton(w, x.dtype), bias)
+        return y if residual is None else residual + y
+    BLOCK_M, BLOCK_N, BLOCK_K, warps, stages = tiles or _tiles(M, w)
     _quant_matmul_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))](
         x, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, w.perm if w.perm is not None else x,
         bias if bias is not None else x, residual if residual is not None else x, y,
         M, N, K, x.stride(0), w.qweight.stride(0), w.scales.stride(0),
         residual.stride(0) if residual is not None else 0, y.stride(0),
-        BITS=w.bits, GROUP=G, PER_ROW=G == K, HAS_ZERO=w.zeros is not None, HAS_PERM=w.perm is not None,
+        BITS=w.bits, GROUP=w.group_size, HAS_ZERO=w.zeros is not None, HAS_PERM=w.perm is not None,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        DOT_PRECISION="ieee" if fp32 else "tf32",  # fp32 stays fp32
-        UPCAST_DOT=x.device.type == "cpu" and not fp32,  # CPU tensors mean TRITON_INTERPRET
+        UPCAST_DOT=x.device.type == "cpu" and x.dtype != torch.float32,  # CPU tensors mean TRITON_INTERPRET
         num_warps=warps, num_stages=stages,
     )
     return y

@@ -34,8 +34,13 @@ def test_quantized_checkpoint_on_gpu_matches_its_reference_weights(method, group
     for dtype in ("float32", "bfloat16"):
         quant = _tokens(text, ck.parts(TEXT_PREFIXES)["text"], None, dtype=dtype)
         ref = _tokens(text, dense, None, dtype=dtype)
-        same = sum(a == b for x, y in zip(quant, ref) for a, b in zip(x, y)) / sum(map(len, ref))
-        assert same >= (1.0 if dtype == "float32" else 0.9), (dtype, same)
+        if dtype == "float32":
+            assert quant == ref
+        else:  # bf16 rounds the dequantized weight (reference) or not (the GEMV): a random tiny model's near-ties
+            # then flip some greedy tokens, and the text diverges from there; the first tokens must agree
+            assert [x[:2] for x in quant] == [y[:2] for y in ref]
+            same = sum(a == b for x, y in zip(quant, ref) for a, b in zip(x, y)) / sum(map(len, ref))
+            assert same >= 0.6, same
 
 
 @pytest.mark.parametrize("kw", [dict(quantize="w4a16"), dict(quantize="w8a16"), dict(kv_cache_dtype="int8"),
