@@ -5,14 +5,17 @@ q (B, Hq, D); the caches (num_blocks, block_size, Hk, D); `block_tables[b]` list
 zeros. The Triton path is split-K "flash decoding": programs (sequence, KV head, key split) each reduce a slice of the
 keys for all Hq/Hk query heads sharing that KV head, then a small kernel merges the splits; with one split the first
 kernel writes the output itself. Sizes come from shapes only, so the launch is CUDA-graph capturable. An int8 cache
-(`k_scale_zero` / `v_scale_zero`, kernels/kv_int8.py) is dequantized tile by tile as it is read. Not here:
+(`k_scale_zero` / `v_scale_zero`, kernels/kv_int8.py) is never dequantized element by element: the codes go to the
+tensor cores as they are (integers 0-255 are exact in bf16) and each key's scale and zero apply to its score
+(`q . (c s + z) = s (q . c) + z sum(q)`) and to its softmax weight (`sum p (c s + z) = (p s) . c + sum p z`), so an
+int8 step costs what a bf16 one does in arithmetic and reads half the bytes. Not here:
 prefill or chunked prefill (`paged_prefill.py`), sliding windows, ALiBi, soft-capping.
 """
 
 import torch
 import torch.nn.functional as F
 
-from ._paged import _dot, _load_kv, _softmax_step, check_caches
+from ._paged import _dot, _softmax_step, check_caches
 from ._triton import triton, tl
 from .kv_int8 import check_quantized, dequantize_kv
 
@@ -93,6 +96,7 @@ def _paged_decode_kernel(
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
 
+    q_sum = tl.sum(q.to(tl.float32), axis=1)  # (BLOCK_G,): an int8 key's zero times it is the zero's share
     # Every trip has at least one live key, so m is finite after the first and -inf is a safe start.
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
@@ -106,12 +110,31 @@ def _paged_decode_kernel(
         kv_offs = (page[:, None] * stride_cache_block + (n % PAGE_SIZE)[:, None] * (KV_HEADS * HEAD_DIM)
                    + kv_head * HEAD_DIM + d[None, :])
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        sz_offs = page * (PAGE_SIZE * KV_HEADS * 2) + (n % PAGE_SIZE) * (KV_HEADS * 2) + kv_head * 2  # int8 only
-        k = _load_kv(k_cache_ptr, k_sz_ptr, kv_offs, sz_offs, kv_mask, n_mask, q.dtype, QUANT)
-        s = _dot(q, tl.trans(k), UPCAST_DOT, DOT_PRECISION) * scale_log2  # (BLOCK_G, BLOCK_N)
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        v = _load_kv(v_cache_ptr, v_sz_ptr, kv_offs, sz_offs, kv_mask, n_mask, q.dtype, QUANT)
-        acc, m, l = _softmax_step(s, v, m, l, acc, UPCAST_DOT, DOT_PRECISION)
+        if QUANT:  # int8: the codes (exact in q's dtype) on the tensor cores, each key's scale and zero per key
+            sz_offs = page * (PAGE_SIZE * KV_HEADS * 2) + (n % PAGE_SIZE) * (KV_HEADS * 2) + kv_head * 2
+            # (under TRITON_INTERPRET, UPCAST_DOT: fp32, as the interpreter mishandles bf16 conversions)
+            k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0).to(tl.float32 if UPCAST_DOT else q.dtype)
+            k_scale = tl.load(k_sz_ptr + sz_offs, mask=n_mask, other=0.0).to(tl.float32)
+            k_zero = tl.load(k_sz_ptr + sz_offs + 1, mask=n_mask, other=0.0).to(tl.float32)
+            s = _dot(q, tl.trans(k), UPCAST_DOT, DOT_PRECISION)  # q . (code * scale + zero) per key:
+            s = (s * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]) * scale_log2
+            s = tl.where(n_mask[None, :], s, float("-inf"))
+            v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0).to(tl.float32 if UPCAST_DOT else q.dtype)
+            v_scale = tl.load(v_sz_ptr + sz_offs, mask=n_mask, other=0.0).to(tl.float32)
+            v_zero = tl.load(v_sz_ptr + sz_offs + 1, mask=n_mask, other=0.0).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l = l * alpha + tl.sum(p, axis=1)
+            pv = _dot((p * v_scale[None, :]).to(q.dtype).to(v.dtype), v, UPCAST_DOT, DOT_PRECISION)
+            acc = acc * alpha[:, None] + pv + tl.sum(p * v_zero[None, :], axis=1)[:, None]
+            m = m_new
+        else:
+            k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
+            s = _dot(q, tl.trans(k), UPCAST_DOT, DOT_PRECISION) * scale_log2  # (BLOCK_G, BLOCK_N)
+            s = tl.where(n_mask[None, :], s, float("-inf"))
+            v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
+            acc, m, l = _softmax_step(s, v, m, l, acc, UPCAST_DOT, DOT_PRECISION)
 
     rows = b * (KV_HEADS * GROUP) + heads  # (BLOCK_G,) rows of out viewed as (B * Hq, D)
     out_mask = g_mask[:, None] & d_mask[None, :]

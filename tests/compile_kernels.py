@@ -26,15 +26,17 @@ def main():
                     dict(x_ptr=BF16, norm_w_ptr=BF16, q_ptr="*u8" if bits == 4 else "*i8", s_ptr="*fp32",
                          z_ptr="*fp32", perm_ptr="*i64", bias_ptr=BF16, res_ptr=BF16, y_ptr=BF16, eps="fp32"),
                     dict(BITS=bits, GROUP=group, MODE=mode, HAS_ZERO=zero, HAS_PERM=perm, PROLOGUE=pro,
-                         HAS_BIAS=True, HAS_RESIDUAL=True, BLOCK_N=2, BLOCK_K=1024))
-    for bits, group, per_row, zero, perm in [(4, 32, False, True, False), (4, 128, False, True, True),
-                                             (8, 4096, True, False, False)]:
+                         HAS_BIAS=True, HAS_RESIDUAL=True, BLOCK_N=16, BLOCK_K=1024, NG=max(1024 // group, 1)))
+    for bits, group, zero, perm, block_m in [(4, 32, True, False, 16), (4, 128, True, True, 32),
+                                             (8, 4096, False, False, 64)]:
         compile_one(qm._quant_matmul_kernel,
                     dict(x_ptr=BF16, q_ptr="*u8" if bits == 4 else "*i8", s_ptr="*fp32", z_ptr="*fp32",
                          perm_ptr="*i64", bias_ptr=BF16, res_ptr=BF16, y_ptr=BF16),
-                    dict(BITS=bits, GROUP=group, PER_ROW=per_row, HAS_ZERO=zero, HAS_PERM=perm, HAS_BIAS=False,
-                         HAS_RESIDUAL=True, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64 if per_row else min(group, 128),
-                         DOT_PRECISION="tf32", UPCAST_DOT=False))
+                    dict(BITS=bits, GROUP=group, HAS_ZERO=zero, HAS_PERM=perm, HAS_BIAS=False, HAS_RESIDUAL=True,
+                         BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=min(group, 128), UPCAST_DOT=False))
+        compile_one(qm._dequantize_kernel,
+                    dict(q_ptr="*u8" if bits == 4 else "*i8", s_ptr="*fp32", z_ptr="*fp32", w_ptr=BF16),
+                    dict(BITS=bits, GROUP=group, HAS_ZERO=zero, BLOCK_N=16, BLOCK_K=256))
     for quant in (False, True):
         cache = "*u8" if quant else BF16
         compile_one(ks._rope_store_kv_kernel,
