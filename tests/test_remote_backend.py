@@ -22,7 +22,7 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def url(folder, tmp_path_factory):
     with running_api(str(folder), tmp_path_factory.mktemp("remote_logs"), "--api-key", KEY,
-                     "--served-model-name", "tiny") as base:
+                     "--served-model-name", "tiny", "--dtype", "float32") as base:
         yield base
 
 
