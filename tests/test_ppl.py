@@ -2,11 +2,11 @@
 through the engine's scheduler, against transformers' `model(ids, labels=ids).loss` in fp32.
 
 Covered on a tiny random Llama: sequences of several lengths in one call under a 16-token step budget (chunk
-boundaries everywhere, a last chunk of one row); a generating chat running alongside (a token in every step, the
-same tokens as alone); the prefix cache neither read nor keyed by scoring; a scoring request preempted halfway and
-scored again from the start; the Pipeline's `get_ppl` and its refusals; an 8,192-token prompt prefilled in 128-token
-chunks with no tensor anywhere near the (8k x 8k) of full-length attention. Slow: the embedded default's real weights
-over CPython's LICENSE.txt.
+boundaries everywhere, a last chunk of one row), also through the Triton kernels; a generating chat running alongside
+(a token in every step, the same tokens as alone); the prefix cache neither read nor keyed by scoring; a scoring
+request preempted halfway and scored again from the start; the Pipeline's `get_ppl` and its refusals; an 8,192-token
+prompt prefilled in 128-token chunks with no tensor anywhere near the (8k x 8k) of full-length attention. Slow: the
+embedded default's real weights over CPython's LICENSE.txt.
 """
 import threading
 
@@ -19,6 +19,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from tests.tiny_checkpoints import CHATML_TEMPLATE, make_tiny_lm
+from tests.triton_setup import DEVICE, needs_triton
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -109,6 +110,14 @@ def test_a_preempted_scoring_request_is_scored_again_from_its_start(lm, record_s
     assert engine.score([long])[0] == pytest.approx(hf_loss(lm, long), abs=TOL)
     starts = [start for step in steps for seq, start, _ in step if seq.score is not None and start == 0]
     assert len(starts) == 2 and chat.num_output_tokens == 20
+
+
+@needs_triton
+def test_scores_through_the_triton_kernels(lm):
+    """The GPU path's kernels (TRITON_INTERPRET on a CPU): chunks with cached context, scored, on the device."""
+    engine = make_engine(lm, budget=8, use_triton=True, device=DEVICE)
+    seqs = [tokens(11, 10), tokens(6, 11)]
+    assert engine.score(seqs) == pytest.approx([hf_loss(lm, s) for s in seqs], abs=TOL)
 
 
 class LargestTensor(TorchDispatchMode):
