@@ -5,9 +5,9 @@
 Perplexity: exp of the mean next-token cross-entropy over Python's own LICENSE.txt (the PSF license and the history
 of the software: ~3.8k tokens of English prose and legal text, shipped with every CPython at
 `sys.base_prefix/lib/pythonX.Y/LICENSE.txt`), in windows of 512 tokens, each scored from its own start (as LMDeploy's
-get_ppl does per sequence), through the engine's own prefill (paged attention, the KV cache in the mode's format).
-On a CPU prefill reads the dense copy of the quantized weights (the same values), so the logits are taken 8 rows at a
-time, through the LM head's decode weight (a Q8_0 head re-rounded to int8 per row, say). Greedy agreement: N chat
+get_ppl does per sequence), through the engine's scoring requests (`LLMEngine.score`: chunked prefill over the paged
+KV cache in the mode's format, the loss per chunk; engine/runtime/scorer.py), the windows batched. The LM head
+there is its prefill weight, on a CPU the dense copy of a quantized head (the same values). Greedy agreement: N chat
 prompts x 64 new tokens against the fp32 engine's tokens and against the bf16 engine's (same activations, so what
 the weights alone change): the share of equal tokens, position by position, and the mean length of the common
 prefix. Decode steps run in batches of at most 8 rows, so they read the CPU's decode weights (the packed int4 / int8
@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from bench.ppl import corpus_path, hf_mean_ce, mean_over, windows
 from engine.checkpoints.reader import Checkpoint
 from engine.checkpoints.smollm_gguf import default_lm_blocks, default_lm_checkpoint
 from engine.config import EngineConfig, TextConfig
@@ -49,10 +48,6 @@ QUESTIONS = [
 ]
 
 
-def corpus_path() -> Path:
-    return Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "LICENSE.txt"
-
-
 def modes(dense: dict, blocks: dict, auto_dtype: str) -> dict[str, tuple[dict, dict]]:
     """name -> (weights, EngineConfig kwargs)."""
     return {
@@ -66,35 +61,10 @@ def modes(dense: dict, blocks: dict, auto_dtype: str) -> dict[str, tuple[dict, d
     }
 
 
-@torch.inference_mode()
-def window_nll(engine: LLMEngine, ids: list[int]) -> tuple[float, int]:
-    """Sum of next-token negative log-likelihoods over one window, through the engine's prefill."""
-    seq = engine.add_request(ids, SamplingParams(max_new_tokens=1))
-    batch, is_prefill = engine.scheduler.schedule()
-    assert is_prefill and batch == [seq]
-    embeds, positions, md = engine.runner.prepare_prefill(batch)
-    hidden = engine.model(embeds, positions, engine.runner.cos_sin, md)
-    logits = torch.cat([engine.model.logits(hidden[i:i + 8]) for i in range(0, len(ids), 8)])  # (T, V) fp32
-    engine.abort(seq)
-    target = torch.tensor(ids[1:])
-    return F.cross_entropy(logits[:-1], target, reduction="sum").item(), len(ids) - 1
-
-
 def perplexity(score, tokens: list[int]) -> float:
-    total, count = 0.0, 0
-    for start in range(0, len(tokens) - 1, WINDOW):
-        window = tokens[start:start + WINDOW]
-        if len(window) < 2:
-            break
-        nll, n = score(window)
-        total, count = total + nll, count + n
-    return math.exp(total / count)
-
-
-def hf_window_nll(model, ids: list[int]) -> tuple[float, int]:
-    with torch.inference_mode():
-        logits = model(torch.tensor([ids])).logits[0].float()
-    return F.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum").item(), len(ids) - 1
+    """exp of the mean CE over windows of WINDOW tokens; `score`: windows -> their mean CEs."""
+    chunks = windows(tokens, WINDOW)
+    return math.exp(mean_over(chunks, score(chunks)))
 
 
 def greedy(engine: LLMEngine, prompts: list[list[int]], new: int) -> list[list[int]]:
@@ -146,7 +116,7 @@ def main():
     for name, (weights, kw) in modes(dense, blocks, cpu_policy().dtype).items():
         t0 = time.time()
         engine = LLMEngine(cfg, weights, tok, EngineConfig(enable_prefix_caching=False, max_num_seqs=8, **kw))
-        ppl = perplexity(lambda w: window_nll(engine, w), tokens)
+        ppl = perplexity(engine.score, tokens)
         runs[name] = ids = greedy(engine, prompts, args.new_tokens)
         ppl32 = ppl32 or ppl
         (e32, p32), (e16, p16) = agreement(runs["fp32"], ids), agreement(runs.get("bf16", ids), ids)
@@ -154,7 +124,7 @@ def main():
         print(lines[-1], f"({time.time() - t0:.0f} s)", flush=True)
         del engine
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ppl = perplexity(lambda w: hf_window_nll(hf, w), tokens)
+    ppl = perplexity(lambda chunks: [hf_mean_ce(hf, w) for w in chunks], tokens)
     lines.append(f"{'transformers fp32 (check)':<32}{ppl:>11.3f}{ppl / ppl32 - 1:>+9.2%}")
     print(lines[-1])
     out = Path(args.out)

@@ -6,6 +6,11 @@ budget, engine/paging/scheduler.py) and reports, for each sequence that got a to
 why) it finished. `generate()` runs a list of requests to completion (like LMDeploy's pipeline given a list of
 prompts). Threads and streaming to many clients live in engine/serving.py.
 
+Scoring requests (`Sequence.score`, LMDeploy's get_ppl; `score()` runs a list of them to the end) are prompts
+prefilled chunk by chunk through the same scheduler, so they batch with chats and never stall them; each chunk's
+next-token cross-entropy is added to the request's total as its step resolves, and the request finishes (STOP, no
+token) once its whole prompt is scored.
+
 Overlap (`EngineConfig.overlap_decode`, like SGLang's overlap scheduler and vLLM's async scheduling): a decode step
 is left in flight when `step()` returns. The next `step()` first launches the following decode step, whose input ids
 are the in-flight step's sampled tokens, still on the device, and only then waits for those tokens and does the
@@ -31,7 +36,7 @@ from engine.models.decoder import add_lowp_copies
 from engine.quant.install import TIED_HEAD, place_for_cpu, quantize_weights
 from engine.sampling_params import SamplingParams
 from engine.paging.scheduler import Batch, Chunk, Scheduler
-from engine.paging.sequence import EngineError, ErrorCode, FinishReason, ImageSpan, Sequence
+from engine.paging.sequence import EngineError, ErrorCode, FinishReason, ImageSpan, Score, Sequence
 from engine.vision_stage import VisionStage
 from kernels import HAS_TRITON, load_cpu_ops, load_ops
 
@@ -117,7 +122,8 @@ class LLMEngine:
             return seq
         if not self.scheduler.add(seq):
             return seq
-        self.detokenizers[seq.seq_id] = (NoDetokenizer() if self.tokenizer is None else  # token ids only
+        no_text = self.tokenizer is None or seq.score is not None  # token ids only, or no reply at all
+        self.detokenizers[seq.seq_id] = (NoDetokenizer() if no_text else
                                          IncrementalDetokenizer(self.tokenizer, seq.token_ids, seq.params.stop))
         if self.vision is not None:
             self.vision.admit(seq)
@@ -220,8 +226,24 @@ class LLMEngine:
     def _resolve(self, step: LaunchedStep) -> list[StepOutput]:
         """Wait for a step's tokens and apply them to the sequences that sampled (a chunk inside its prompt gets
         nothing). A sequence finished meanwhile (aborted) gets nothing."""
+        scored = self._add_scores(step) if step.losses is not None else []
         tokens = step.token_ids()
-        return [self._advance(seq, tok) for seq, tok in zip(step.seqs, tokens) if not seq.is_finished]
+        return scored + [self._advance(seq, tok) for seq, tok in zip(step.seqs, tokens) if not seq.is_finished]
+
+    def _add_scores(self, step: LaunchedStep) -> list[StepOutput]:
+        """Each scoring chunk's NLL onto its request's total; a request whose prompt is all scored finishes."""
+        outputs = []
+        for chunk, nll in step.chunk_losses():
+            seq = chunk.seq
+            if seq.is_finished:  # aborted meanwhile
+                continue
+            seq.score.total += nll
+            seq.score.tokens += len(chunk.score_targets)
+            if chunk.end == len(seq):
+                self.scheduler.finish(seq, FinishReason.STOP)
+                self._release(seq)
+                outputs.append(StepOutput(seq, None, "", FinishReason.STOP))
+        return outputs
 
     def _advance(self, seq: Sequence, token: int) -> StepOutput:
         seq.append(token)
@@ -250,3 +272,18 @@ class LLMEngine:
                 texts[out.seq.seq_id].append(out.text)
         return [Completion("".join(texts[s.seq_id]), s.output_ids, s.num_prompt_tokens, s.finish_reason)
                 for s in seqs]
+
+    def score(self, prompts: list[list[int]]) -> list[float]:
+        """The mean next-token cross-entropy of each prompt (LMDeploy's get_ppl; perplexity is its exp), run to the
+        end like `generate`. Each needs 2 to `context_len` tokens, else ValueError before anything runs."""
+        limit = self.scheduler.max_prompt_tokens(scoring=True)
+        for i, ids in enumerate(prompts):
+            if not 2 <= len(ids) <= limit:
+                raise ValueError(f"sequence {i}: {len(ids)} tokens; scoring takes 2 to {limit} (the context)")
+        seqs = [self.add_sequence(Sequence(ids, SamplingParams(), score=Score())) for ids in prompts]
+        while self.has_work():
+            self.step()
+        failed = [s for s in seqs if s.finish_reason is not FinishReason.STOP]
+        if failed:
+            raise RuntimeError(f"scoring failed: {failed[0].finish_reason.value} {failed[0].error or ''}")
+        return [s.score.mean for s in seqs]

@@ -6,6 +6,9 @@
         for r in pipe(["Hi!", "Name a colour."], gen_config=GenerationConfig(max_new_tokens=32)):
             print(r.index, r.text)
 
+`pipe.get_ppl(input_ids)` scores token-id sequences (LMDeploy's get_ppl): the mean next-token cross-entropy of each,
+whose exp is its perplexity; `pipe.tokenizer` encodes text for it.
+
 Prompts: a string; a `(text, image)` or `(text, [images])` tuple; an OpenAI-style conversation (a list of
 {"role", "content"}, content a string or parts, engine.chat.messages); or a list of any of those. Images are file
 paths, PIL images, bytes or data: URIs (URLs are not fetched). One prompt gives one `Response`, a list gives a list
@@ -138,6 +141,29 @@ class Pipeline:
             future.result()  # raises what the run raised
         finally:
             future.cancel()
+
+    @property
+    def tokenizer(self):
+        """The model's (transformers) tokenizer, e.g. for `get_ppl`'s input ids."""
+        return self.model.loaded.engine.tokenizer
+
+    def get_ppl(self, input_ids: list[int] | list[list[int]]) -> list[float]:
+        """LMDeploy's get_ppl: for each token-id sequence (or the one given), the mean cross-entropy of its tokens
+        after the first, each predicted from those before it; the perplexity is its exp. The engine prefills them
+        in chunks of its per-step token budget (batched with each other and with running chats), so memory does not
+        grow with length beyond the KV cache. Each sequence needs 2 to `context_len` tokens: a longer one raises
+        ValueError before anything runs (split it into windows, as `python -m bench.ppl` does)."""
+        if input_ids and isinstance(input_ids[0], int):
+            input_ids = [input_ids]
+        if not input_ids:
+            raise ValueError("get_ppl needs at least one sequence of token ids")
+        limit, vocab = self.model.context_len, self.model.loaded.engine.model.config.vocab_size
+        for i, ids in enumerate(input_ids):
+            if not 2 <= len(ids) <= limit:
+                raise ValueError(f"sequence {i}: {len(ids)} tokens; get_ppl takes 2 to {limit} (the context)")
+            if not all(0 <= t < vocab for t in ids):
+                raise ValueError(f"sequence {i}: token ids must lie in the vocabulary, [0, {vocab})")
+        return self.model.score([list(ids) for ids in input_ids])
 
     # -- internals --------------------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from engine.llm_engine import LLMEngine
-from engine.paging.sequence import EngineError, FinishReason, ImageSpan, Sequence
+from engine.paging.sequence import EngineError, FinishReason, ImageSpan, Score, Sequence
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -140,12 +140,13 @@ class EngineServer:
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams,
-               images: tuple[ImageSpan, ...] = ()) -> RequestStream:
-        """Queue a request. `params` was checked when it was made (sampling_params.InvalidParameter)."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, images: tuple[ImageSpan, ...] = (),
+               score: bool = False) -> RequestStream:
+        """Queue a request. `params` was checked when it was made (sampling_params.InvalidParameter). `score`: a
+        scoring request (engine.llm_engine): no reply; once it finishes, `stream.seq.score` holds its result."""
         if not self._thread.is_alive():
             raise RuntimeError("the engine is closed")
-        stream = RequestStream(self, Sequence(prompt_ids, params, images))
+        stream = RequestStream(self, Sequence(prompt_ids, params, images, Score() if score else None))
         self.commands.put(Submit(stream))
         return stream
 

@@ -50,3 +50,21 @@ def tiny_lm(tmp_path_factory):
     from tests.tiny_checkpoints import make_tiny_lm
 
     return make_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
+
+
+@pytest.fixture
+def record_steps():
+    """`steps = record_steps(engine)` wraps the engine runner's `launch`; each launched step's chunks are appended
+    to `steps` as (seq, start, end)."""
+
+    def wrap(engine) -> list:
+        steps, launch = [], engine.runner.launch
+
+        def spy(batch, after=None):
+            steps.append([(c.seq, c.start, c.end) for c in batch.chunks])
+            return launch(batch, after)
+
+        engine.runner.launch = spy
+        return steps
+
+    return wrap

@@ -5,7 +5,7 @@ Covered: greedy and seeded outputs with overlap on and off; the Triton kernels u
 whose chunk boundary falls inside the image's placeholder span; the bounded stall (a decoding chat gets a token in
 every step while a long prompt takes ceil(len / budget) steps); preemption of a partially prefilled sequence under a
 tiny KV cache; prefix-cache reuse after a chunked prefill; an abort and a failed step (`recover`) in the middle of
-one. Steps are counted by wrapping the runner's `launch`.
+one. Steps are counted by wrapping the runner's `launch` (conftest's `record_steps`).
 """
 import math
 
@@ -37,18 +37,6 @@ def make_engine(tiny_lm, budget: int, overlap: bool = False, **kw) -> LLMEngine:
     return LLMEngine(cfg, weights, tok, EngineConfig(max_num_batched_tokens=budget, overlap_decode=overlap, **kw))
 
 
-def record_steps(engine: LLMEngine) -> list:
-    """Wraps the runner's launch; the returned list gets each launched step's chunks as (seq, start, end)."""
-    steps, launch = [], engine.runner.launch
-
-    def spy(batch, after=None):
-        steps.append([(c.seq, c.start, c.end) for c in batch.chunks])
-        return launch(batch, after)
-
-    engine.runner.launch = spy
-    return steps
-
-
 def summary(completions):
     return [(c.token_ids, c.text, c.finish_reason) for c in completions]
 
@@ -68,7 +56,7 @@ def test_the_step_token_budget_defaults_by_device_and_is_validated():
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-def test_chunked_greedy_and_seeded_outputs_equal_whole_prefill(tiny_lm, overlap):
+def test_chunked_greedy_and_seeded_outputs_equal_whole_prefill(tiny_lm, overlap, record_steps):
     params = [GREEDY, SamplingParams(max_new_tokens=10, temperature=0.9, top_k=40, repetition_penalty=1.3,
                                      seed=5, ignore_eos=True), GREEDY, GREEDY]
     want = make_engine(tiny_lm, WHOLE, overlap).generate(PROMPTS, params)
@@ -81,7 +69,7 @@ def test_chunked_greedy_and_seeded_outputs_equal_whole_prefill(tiny_lm, overlap)
 
 
 @needs_triton
-def test_chunked_prefill_through_the_triton_kernels(tiny_lm):
+def test_chunked_prefill_through_the_triton_kernels(tiny_lm, record_steps):
     """The Triton kernels (TRITON_INTERPRET on CPU) on mixed steps: a decode row and prompt chunks with cached
     context in one paged-prefill launch; the tokens of the torch twins prefilling whole."""
     # Three steps, all through paged prefill (one-row GEMVs in the interpreter are slow, so no pure decode step):

@@ -55,7 +55,7 @@ def build_tokenizer(chatml: bool):
                                    eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
 
 
-def make_tiny_lm(folder: Path):
+def make_tiny_lm(folder: Path, max_positions: int = 256):
     """A 2-layer Llama with the byte-level test tokenizer, saved and loaded back: (TextConfig, weights, tokenizer)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -65,7 +65,7 @@ def make_tiny_lm(folder: Path):
 
     tok = build_tokenizer(chatml=False)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                       eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(folder)

@@ -24,7 +24,8 @@ from engine.chat.types import ChatTurn, Finished, GenerationSettings, Plan, Queu
 from engine.families import load_model
 from engine.families.base import LoadedModel
 from engine.image_inputs import ImageInput
-from engine.paging.sequence import ErrorCode, ImageSpan
+from engine.paging.sequence import ErrorCode, FinishReason, ImageSpan
+from engine.sampling_params import SamplingParams
 from engine.serving import EngineServer
 from vision.intake import ImageError, IntakeLimits, image_digest, load_image
 
@@ -164,6 +165,24 @@ class ChatModel:
         return Plan(turns=[], system="", prompt_tokens=len(prompt.ids), image_tokens=sum(prompt.image_lengths),
                     max_new_tokens=max_new_tokens, context_len=self.context_len,
                     prepared=(prompt.ids, self._spans(prompt, inputs)))
+
+    def score(self, sequences: list[list[int]]) -> list[float]:
+        """The mean next-token cross-entropy of each token-id sequence (engine scoring requests, all submitted
+        before any is read so they batch, alongside whatever chats are running). Lengths are the caller's to check
+        (`context_len`); a request the engine refuses or fails raises RuntimeError."""
+        requests = [self.server.submit(ids, SamplingParams(), score=True) for ids in sequences]
+        try:
+            for request in requests:
+                for _ in request:  # deltas carry no text; the last one says how it ended
+                    pass
+        finally:
+            for request in requests:
+                request.close()
+        for i, request in enumerate(requests):
+            if request.finish_reason is not FinishReason.STOP:
+                detail = request.error.detail if request.error else request.finish_reason.value
+                raise RuntimeError(f"sequence {i} could not be scored: {detail}")
+        return [request.seq.score.mean for request in requests]
 
     def stream(self, plan: Plan, settings: GenerationSettings) -> Iterator[TextDelta | Queued | Finished]:
         if plan.error or plan.prepared is None:

@@ -138,7 +138,9 @@ class CausalLM(nn.Module):
     def forward(self, embeds, positions, cos_sin, md):
         return self.model(embeds, positions, cos_sin, md)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits of the rows asked for, from `forward`'s un-normed hidden states."""
+    def logits(self, hidden: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        """Logits of the rows asked for, from `forward`'s un-normed hidden states. `exact`: through the LM head's
+        own weight even for a few rows, never its low-precision decode copy (scoring: every row alike)."""
         norm = self.model.norm
-        return self.ops.norm_linear(hidden, norm.weight, norm.eps, self.lm_head.weight_for(hidden), None).float()
+        weight = self.lm_head.weight if exact else self.lm_head.weight_for(hidden)
+        return self.ops.norm_linear(hidden, norm.weight, norm.eps, weight, None).float()

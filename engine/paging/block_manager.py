@@ -71,7 +71,7 @@ class BlockManager:
         keys only as the steps that compute them are scheduled (`register_full_blocks`), so a prefix hit never finds
         a block whose KV a later chunk has yet to compute."""
         assert not seq.block_table
-        prev, hit_run = None, self.prefix_caching
+        prev, hit_run = None, self.prefix_caching and seq.caches_prefix
         for i in range(seq.num_blocks(self.block_size)):
             tokens = seq.block_tokens(i, self.block_size)
             cached = None
@@ -132,7 +132,7 @@ class BlockManager:
         computes those positions' KV is scheduled: a keyed block must never lack KV that a later prefix hit would
         read (a sequence admitted later in the same step may hit it: each layer writes the step's KV before it
         attends). Only an unbroken chain of keys from block 0 is extended."""
-        if not self.prefix_caching:
+        if not (self.prefix_caching and seq.caches_prefix):
             return
         for i in range(start // self.block_size, min(end, len(seq)) // self.block_size):
             block = self.blocks[seq.block_table[i]]

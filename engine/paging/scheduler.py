@@ -5,7 +5,8 @@ Pure Python. A step computes at most `max_num_batched_tokens` tokens: first the 
 sequence, then the next chunk of the prompts already being prefilled (oldest first), then new admissions, each as
 much of its prompt as the budget has left. So a long prompt is prefilled over several steps and every other chat
 still gets a token in each of them: it slows them by a bounded factor instead of freezing them. A sequence samples a
-token only in the step whose chunk reaches its end; earlier chunks sample nothing.
+token only in the step whose chunk reaches its end; earlier chunks sample nothing, and a scoring request's chunks never
+do (engine.llm_engine: it ends with its prompt).
 
 Admission is by free KV blocks for the whole prompt, allocated at once, so a prefill that has started never waits for
 blocks. When decoding runs out of blocks the newest sequence is preempted (its blocks freed, its tokens kept, its
@@ -34,8 +35,18 @@ class Chunk:
     samples: bool
 
     @property
+    def scores(self) -> bool:
+        """The chunk belongs to a scoring request: the step scores its rows' next tokens instead of sampling."""
+        return self.seq.score is not None
+
+    @property
     def num_tokens(self) -> int:
         return self.end - self.start
+
+    @property
+    def score_targets(self) -> list[int]:
+        """A scoring chunk's targets: the token after each of its rows (none after the sequence's last)."""
+        return self.seq.token_ids[self.start + 1:self.end + 1]
 
 
 @dataclass
@@ -80,11 +91,17 @@ class Scheduler:
         """The longest sequence that can ever run: the model's context, capped by the whole KV cache."""
         return min(self.max_model_len, self.blocks.num_blocks * self.blocks.block_size)
 
+    def max_prompt_tokens(self, scoring: bool = False) -> int:
+        """The longest prompt that can run: room for one reply token, or for a scoring request (no reply) the
+        whole context."""
+        return self.max_tokens_per_seq - (not scoring)
+
     def add(self, seq: Sequence) -> bool:
         """Queue a sequence; a prompt that can never fit is finished at once (ERROR, CONTEXT_EXCEEDED)."""
-        if len(seq) >= self.max_tokens_per_seq:
+        limit = self.max_prompt_tokens(seq.score is not None)
+        if len(seq) > limit:
             seq.finish(FinishReason.ERROR, EngineError(
-                ErrorCode.CONTEXT_EXCEEDED, f"{len(seq)} prompt tokens, at most {self.max_tokens_per_seq - 1}"))
+                ErrorCode.CONTEXT_EXCEEDED, f"{len(seq)} prompt tokens, at most {limit}"))
             return False
         self.waiting.append(seq)
         return True
@@ -121,7 +138,7 @@ class Scheduler:
         end = min(len(seq), start + budget)
         seq.num_computed_tokens = end
         self.blocks.register_full_blocks(seq, start, end)
-        return Chunk(seq, start, end, end == len(seq))
+        return Chunk(seq, start, end, end == len(seq) and seq.score is None)  # a scoring request never samples
 
     def _next_prompt(self) -> Sequence | None:
         """Whose prompt chunk comes first: the oldest running sequence still prefilling, else the queue's head if it
@@ -191,6 +208,8 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq)
+        if seq.score is not None:
+            seq.score.reset()
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
 

@@ -61,13 +61,35 @@ class ImageSpan:
     source: Any = None
 
 
+@dataclass
+class Score:
+    """A scoring request's running total (LMDeploy's get_ppl): the summed next-token cross-entropy of the prompt's
+    positions scored so far. Its prompt is prefilled without a reply; each chunk's rows predict the tokens after
+    them (the chunk's last row the next chunk's first token), so every token but the first is a target once."""
+
+    total: float = 0.0
+    tokens: int = 0
+
+    @property
+    def mean(self) -> float:
+        """The mean cross-entropy (nats per token); perplexity is its exp."""
+        return self.total / self.tokens if self.tokens else float("nan")
+
+    def reset(self) -> None:
+        """Its prefill starts over (preempted, or requeued after a failed step): what was scored is scored again."""
+        self.total, self.tokens = 0.0, 0
+
+
 _ids = itertools.count()
 
 
 class Sequence:
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, images: tuple[ImageSpan, ...] = ()):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, images: tuple[ImageSpan, ...] = (),
+                 score: Score | None = None):
         if not prompt_ids:
             raise ValueError("a prompt needs at least one token")
+        if score is not None and (len(prompt_ids) < 2 or images):
+            raise ValueError("a scored sequence needs at least two tokens and no images")
         for span in images:
             if span.offset < 0 or span.offset + span.length > len(prompt_ids):
                 raise ValueError("an image span lies outside the prompt")
@@ -85,6 +107,9 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.error: EngineError | None = None
         self.suspect = 0  # times this request was in a step that failed (engine.llm_engine: isolation)
+        # Set for a scoring request: its prompt is scored and it ends there, with no reply and no sampling. It never
+        # reads the prefix cache (every position's logits are needed) nor keys blocks in it.
+        self.score = score
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -123,6 +148,11 @@ class Sequence:
     def in_image(self, position: int) -> bool:
         """Whether `position` is an image placeholder (its input row is a feature row, not a token embedding)."""
         return any(s.offset <= position < s.offset + s.length for s in self.images)
+
+    @property
+    def caches_prefix(self) -> bool:
+        """Whether its blocks may come from, and go into, the prefix cache: not for a scoring request."""
+        return self.score is None
 
     def num_blocks(self, block_size: int) -> int:
         return (len(self.token_ids) + block_size - 1) // block_size

@@ -5,9 +5,11 @@ Split by phase: `prepare_prefill` / `prepare_decode` turn chunks into tensors (t
 block tables, image embeddings to splice), `launch` queues the step, the sampler picks tokens. A step whose chunks
 are all one sampled token runs as a decode step; any other (prompt chunks, with or without other chats' decode
 tokens: a decoding sequence is then a one-row chunk with cached context) runs through the prefill path, and only the
-last row of each chunk that reaches its sequence's end is sampled. On CUDA, decode replays a CUDA graph captured for
-the smallest batch-size bucket that holds the batch, and prefill one captured for the smallest token-count bucket
-(engine/cuda_graphs.py); batches too large for any run eagerly.
+last row of each chunk that reaches its sequence's end is sampled. A scoring request's chunks are scored instead, each
+row against the next token (engine/runtime/scorer.py), in an eager step. On CUDA, decode replays a CUDA graph captured
+for the smallest batch-size bucket that holds the batch, and prefill one captured for the smallest token-count bucket
+(engine/cuda_graphs.py; those keep the sampled rows only); batches too large for any, or with scoring rows, run
+eagerly.
 
 `launch` never waits for the device: it returns a `LaunchedStep` whose tokens stay on the device, with a copy on its
 way to pinned host memory. A decode step can take its input ids from a step still in flight (`after`), so the
@@ -26,6 +28,7 @@ from engine.runtime.kv_cache import allocate
 from engine.models.decoder import CausalLM
 from engine.runtime.rope import cos_sin_cache
 from engine.runtime.sampler import Sampler, to_device
+from engine.runtime.scorer import chunk_nll
 from engine.paging.scheduler import Batch, Chunk
 from engine.paging.sequence import Sequence
 
@@ -34,8 +37,9 @@ from engine.paging.sequence import Sequence
 class PrefillRows:
     """A prefill batch on the host, tokens packed: `cu_seqlens` (B+1) bound each chunk's rows; `seq_lens` count
     its sequence's keys after the step (cached ones included); `sample_rows` are the rows whose logits are sampled
-    (the last of each chunk that reaches its sequence's end); `splices` say where image features replace placeholder
-    rows: (row, image span, first feature row, count)."""
+    (the last of each chunk that reaches its sequence's end); `scored` holds each scoring chunk's first row and
+    targets (engine/runtime/scorer.py); `splices` say where image features replace placeholder rows: (row, image
+    span, first feature row, count)."""
 
     ids: list[int]
     positions: list[int]
@@ -44,6 +48,7 @@ class PrefillRows:
     seq_lens: list[int]
     sample_rows: list[int]
     splices: list[tuple]
+    scored: list[tuple[int, list[int]]]
 
 
 @dataclass
@@ -58,6 +63,12 @@ class LaunchedStep:
     tokens: torch.Tensor  # (B,) int64 on the device
     host: torch.Tensor  # (B,) int64: pinned on CUDA; `tokens` itself elsewhere
     copied: torch.cuda.Event | None = None  # recorded after the copy to `host`; None where work is synchronous
+    losses: torch.Tensor | None = None  # (C,) fp32 NLL sums of the batch's C scoring chunks, in row order
+
+    def chunk_losses(self) -> list[tuple[Chunk, float]]:
+        """Each scoring chunk with its summed next-token NLL (waits for the step)."""
+        scoring = [c for c in self.batch.chunks if c.scores]
+        return list(zip(scoring, self.losses.tolist())) if scoring else []
 
     def token_ids(self) -> list[int]:
         if self.copied is not None:
@@ -108,7 +119,7 @@ class ModelRunner:
 
     def prefill_rows(self, chunks: list[Chunk]) -> PrefillRows:
         """The host side of a prefill batch: every chunk's tokens packed one after another."""
-        rows = PrefillRows([], [], [], [0], [], [], [])
+        rows = PrefillRows([], [], [], [0], [], [], [], [])
         for c in chunks:
             seq, start, end = c.seq, c.start, c.end
             base = len(rows.ids)
@@ -119,6 +130,8 @@ class ModelRunner:
             rows.seq_lens.append(end)
             if c.samples:
                 rows.sample_rows.append(len(rows.ids) - 1)
+            if c.scores:
+                rows.scored.append((base, c.score_targets))
             for span in seq.images:
                 lo, hi = max(span.offset, start), min(span.offset + span.length, end)
                 if lo < hi:
@@ -173,21 +186,26 @@ class ModelRunner:
         row = {s.seq_id: i for i, s in enumerate(after.seqs)}
         return after.tokens[self._tensor([row[s.seq_id] for s in seqs], torch.int64)]
 
-    def _logits(self, batch: Batch, pending: torch.Tensor | None) -> torch.Tensor | None:
-        """(S, V) logits of the S rows that sample (`Batch.sampling`), or None where no row samples."""
+    def _logits(self, batch: Batch, pending: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(S, V) logits of the S rows that sample (`Batch.sampling`), or None where no row samples; and the NLL
+        sums of the scoring chunks (`LaunchedStep.losses`), or None where there are none."""
         seqs = batch.seqs
         if batch.is_decode:
             if self.graphs is not None and self.graphs.fits(len(seqs)):
-                return self.graphs.run(seqs, pending)
+                return self.graphs.run(seqs, pending), None
             ids, positions, md = self.prepare_decode(seqs, pending)
-            return self.model.logits(self.model(self.model.embed(ids), positions, self.cos_sin, md))
+            return self.model.logits(self.model(self.model.embed(ids), positions, self.cos_sin, md)), None
         rows = self.prefill_rows(batch.chunks)
-        if self.prefill_graphs is not None and self.prefill_graphs.fits(len(seqs), len(rows.ids)):
-            hidden = self.prefill_graphs.run(seqs, rows)
+        losses = None
+        if not rows.scored and self.prefill_graphs is not None and self.prefill_graphs.fits(len(seqs), len(rows.ids)):
+            hidden = self.prefill_graphs.run(seqs, rows)  # the graphs keep the sampled rows only
         else:
             embeds, positions, md = self.prepare_prefill(batch.chunks, rows)
-            hidden = self.model(embeds, positions, self.cos_sin, md)[self._tensor(rows.sample_rows, torch.int64)]
-        return self.model.logits(hidden) if rows.sample_rows else None
+            hidden = self.model(embeds, positions, self.cos_sin, md)
+            if rows.scored:
+                losses = chunk_nll(self.model, hidden, rows.scored)
+            hidden = hidden[self._tensor(rows.sample_rows, torch.int64)]
+        return (self.model.logits(hidden) if rows.sample_rows else None), losses
 
     @torch.inference_mode()
     def launch(self, batch: Batch, after: LaunchedStep | None = None) -> LaunchedStep:
@@ -196,14 +214,14 @@ class ModelRunner:
         assert after is None or batch.is_decode, "only a decode step takes its input from the device"
         seqs = batch.sampling
         pending = None if after is None else self._pending_ids(seqs, after)
-        logits = self._logits(batch, pending)
+        logits, losses = self._logits(batch, pending)
         tokens = (self.sampler(logits, seqs, pending) if logits is not None else
                   torch.empty(0, dtype=torch.int64, device=self.device))
         if self.device.type != "cuda":
-            return LaunchedStep(batch, seqs, tokens, tokens)
+            return LaunchedStep(batch, seqs, tokens, tokens, losses=losses)
         host, copied = self._outboxes[self._turn]
         self._turn ^= 1
         host = host[:len(seqs)]
         host.copy_(tokens, non_blocking=True)
         copied.record()
-        return LaunchedStep(batch, seqs, tokens, host, copied)
+        return LaunchedStep(batch, seqs, tokens, host, copied, losses)
