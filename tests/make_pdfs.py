@@ -38,8 +38,8 @@ def encrypted_pdf(pages: list[str], user_password: str) -> bytes:
 
 
 def report_pages(count: int, fact: str, filler: int = 12) -> list[str]:
-    """`count` pages of filler about lighthouses, `fact` at the end of the last one."""
+    """`count` pages of filler about lighthouses, `fact` on a line of its own at the end of the last one."""
     pages = [f"Page {i} of the harbour report. " + "The lighthouse keeper logged the weather and the ships. " * filler
              for i in range(1, count + 1)]
-    pages[-1] += fact
+    pages[-1] += "\n" + fact
     return pages

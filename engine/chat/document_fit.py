@@ -1,0 +1,130 @@
+"""Documents inside a prompt: how their text is wrapped into the user's message, counted, and trimmed to fit.
+
+A document rides in its user turn as a block in front of the turn's text:
+
+    <document name="report.pdf" pages="12">
+    [Page 1]
+    ...
+    </document>
+
+with a `[Page N]` marker before each PDF page, so the model can say where it read something. Its tokens are
+counted with the checkpoint's own tokenizer, page by page, before anything runs.
+
+Trimming rule, when the conversation does not fit with a document whole: keep its head and its tail, half of the
+kept tokens each, and leave out the middle, marked `[... pages 5-10 left out to fit the context ...]`. The tail is
+kept because questions often concern the end (conclusions, the last figures); the head because it says what the
+document is. Pages are cut at token boundaries, so a page at either edge may be kept in part. The order of
+trimming against images and old turns is engine.chat.budget's (see its docstring).
+
+Not here: reading files (documents/ does that) or deciding how much to keep (engine.chat.budget).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+GAP = "[... {what} left out to fit the context ...]"
+
+
+@dataclass
+class FitDocument:
+    """A document as the budget sees it: its pages' text, their token ids once counted, and how many of those
+    ids are kept (None: all)."""
+
+    name: str
+    pages: tuple[str, ...]
+    paged: bool  # PDF pages (marked `[Page N]`), or one text
+    ids: list[list[int]] = field(default_factory=list, repr=False)
+    keep: int | None = None
+
+    def copy(self) -> "FitDocument":
+        return dataclasses.replace(self, ids=self.ids)
+
+    def count(self, tokenizer) -> None:
+        """Token ids of each page's text, once (the tokenizer is the checkpoint's)."""
+        if not self.ids and self.pages:
+            self.ids = [list(ids) for ids in tokenizer(list(self.pages), add_special_tokens=False).input_ids]
+
+    @property
+    def total(self) -> int:
+        return sum(len(ids) for ids in self.ids)
+
+    @property
+    def kept(self) -> int:
+        return self.total if self.keep is None else min(self.keep, self.total)
+
+    def spans(self) -> list[tuple[int, int, int]]:
+        """(page index, start, end) of the kept ids of each page that keeps any: the first `head` ids of the
+        document and its last `tail` ids."""
+        kept = self.kept
+        head, tail = (kept + 1) // 2, kept // 2
+        out, offset, total = [], 0, self.total
+        for index, ids in enumerate(self.ids):
+            start, end = offset, offset + len(ids)
+            cut_head = min(end, head) - start  # ids of this page within the head
+            cut_tail = end - max(start, total - tail)  # within the tail
+            if cut_head >= len(ids) or cut_tail >= len(ids) or cut_head + cut_tail >= len(ids):
+                out.append((index, 0, len(ids)))
+            else:
+                out += [(index, 0, cut_head)] if cut_head > 0 else []
+                out += [(index, len(ids) - cut_tail, len(ids))] if cut_tail > 0 else []
+            offset = end
+        return [span for span in out if span[2] > span[1]]
+
+    def kept_pages(self) -> list[int]:
+        """1-based numbers of the pages of which anything is kept."""
+        return sorted({index + 1 for index, _, _ in self.spans()})
+
+    def render(self, tokenizer) -> str:
+        """The wrapped text as it goes into the prompt."""
+        pages = f' pages="{len(self.pages)}"' if self.paged else ""
+        parts = [f'<document name="{self.name}"{pages}>']
+        if self.keep is None or self.kept >= self.total:
+            parts += [self._page(i, text) for i, text in enumerate(self.pages)]
+        else:
+            previous = None
+            for index, start, end in self.spans():
+                if previous is not None and (index, start) != previous:
+                    parts.append(self._gap(previous, (index, start)))
+                text = tokenizer.decode(self.ids[index][start:end])
+                parts.append(self._page(index, text, start > 0))
+                previous = (index, end) if end < len(self.ids[index]) else (index + 1, 0)
+        return "\n".join(parts + ["</document>"])
+
+    def _page(self, index: int, text: str, continued: bool = False) -> str:
+        if not self.paged:
+            return text
+        return f"[Page {index + 1}{', end' if continued else ''}]\n{text}"
+
+    def _gap(self, after: tuple[int, int], before: tuple[int, int]) -> str:
+        """The marker between the kept head (ending at `after`) and tail (starting at `before`): (page, offset)."""
+        if not self.paged:
+            return GAP.format(what=f"{self.total - self.kept:,} tokens")
+        first, last = after[0] + (2 if after[1] else 1), before[0]  # 1-based, the pages left out whole
+        if first > last:
+            return GAP.format(what=f"part of page {after[0] + 1 if after[1] else before[0] + 1}")
+        return GAP.format(what=f"page {first}" if first == last else f"pages {first}-{last}")
+
+    def notice(self, context_len: int) -> str:
+        pages = f" ({_ranges(self.kept_pages())} of {len(self.pages)})" if self.paged else ""
+        return (f"{self.name}: kept {self.kept:,} of {self.total:,} tokens{pages} to fit the {context_len:,}-token "
+                "context: its beginning and its end, the middle left out.")
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[1, 2, 3, 4, 11, 12] -> 'pages 1-4 and 11-12'."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    words = [f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs]
+    label = "page" if len(numbers) == 1 else "pages"
+    return f"{label} {', '.join(words[:-1])} and {words[-1]}" if len(words) > 1 else f"{label} {words[0]}"
+
+
+def with_documents(documents: list[FitDocument], text: str, tokenizer) -> str:
+    """A user turn's text with its documents in front."""
+    blocks = [doc.render(tokenizer) for doc in documents if doc.kept > 0 or doc.keep is None]
+    return "\n\n".join(blocks + ([text] if text else []))

@@ -1,0 +1,143 @@
+"""Documents in a conversation (engine.chat.document_fit, engine.chat.budget): kept whole when they fit, else their
+head and tail kept with a notice that says how much; counted exactly with the checkpoint's tokenizer."""
+import pytest
+
+from engine.chat import ChatDocument, ChatModel, ChatTurn
+from engine.chat.document_fit import FitDocument
+from engine.families import load_model
+from tests.make_pdfs import make_pdf, report_pages
+from tests.tiny_checkpoints import make_tiny_llava
+
+FACT = "The secret code is 4817."
+
+
+class WordTokenizer:
+    """One token per word, for the trimming rule alone."""
+
+    def __call__(self, texts, add_special_tokens=False):
+        return type("Encoded", (), {"input_ids": [[hash(w) for w in t.split()] for t in texts]})()
+
+    def decode(self, ids):
+        return " ".join(f"w{i}" for i in range(len(ids)))
+
+
+def test_trimming_keeps_the_head_and_the_tail_and_marks_the_gap():
+    doc = FitDocument("r.pdf", tuple(" ".join(["x"] * 10) for _ in range(6)), paged=True)
+    doc.count(WordTokenizer())
+    assert doc.total == 60 and doc.kept == 60
+    doc.keep = 25  # 13 from the head (page 1 and 3 of page 2), 12 from the tail (2 of page 5 and page 6)
+    assert doc.spans() == [(0, 0, 10), (1, 0, 3), (4, 8, 10), (5, 0, 10)]
+    assert doc.kept_pages() == [1, 2, 5, 6]
+    text = doc.render(WordTokenizer())
+    assert text.splitlines()[0] == '<document name="r.pdf" pages="6">'
+    assert "[... pages 3-4 left out to fit the context ...]" in text and "[Page 5, end]" in text
+    assert doc.notice(512) == ("r.pdf: kept 25 of 60 tokens (pages 1-2 and 5-6 of 6) to fit the 512-token context: "
+                               "its beginning and its end, the middle left out.")
+    one = FitDocument("notes.txt", (" ".join(["x"] * 100),), paged=False)
+    one.count(WordTokenizer())
+    one.keep = 40
+    assert "[... 60 tokens left out to fit the context ...]" in one.render(WordTokenizer())
+    assert one.notice(256).startswith("notes.txt: kept 40 of 100 tokens to fit the 256-token context")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_tiny_llava(tmp_path_factory.mktemp("documents"), "llama-clip", context=4096)
+
+
+def model(folder, context):
+    return ChatModel(load_model(str(folder), "cpu", max_model_len=context))
+
+
+def prompt_text(chat_model, plan):
+    return chat_model.loaded.prompt.tokenizer.decode(plan.prepared[0])
+
+
+def asking(*documents, text="What is the secret code?"):
+    return [ChatTurn("user", text, documents=tuple(documents))]
+
+
+def report(pages=12, name="report.pdf"):
+    return ChatDocument(make_pdf(report_pages(pages, FACT)), name)
+
+
+def test_a_document_that_fits_is_kept_whole_and_counted(folder):
+    m = model(folder, 4096)
+    plan = m.plan("", asking(report(3)), 32)
+    assert plan.error is None and plan.notices == []
+    text = prompt_text(m, plan)
+    assert '<document name="report.pdf" pages="3">\n[Page 1]\nPage 1 of the harbour report.' in text
+    assert "[Page 2]" in text and FACT in text and "left out" not in text
+    without = m.plan("", [ChatTurn("user", "What is the secret code?")], 32)
+    assert 0 < plan.document_tokens <= plan.prompt_tokens - without.prompt_tokens + 2  # the block, give or take
+    assert plan.image_tokens == 0
+
+
+def test_a_long_document_is_trimmed_with_a_notice_and_its_last_page_kept(folder):
+    m = model(folder, 512)
+    plan = m.plan("", asking(report(12)), 32)
+    assert plan.error is None and plan.prompt_tokens + plan.max_new_tokens <= 512
+    (notice,) = plan.notices
+    assert notice.startswith("report.pdf: kept ") and "(pages 1 and 12 of 12) to fit the 512-token context" in notice
+    kept, total = (int(n.replace(",", "")) for n in notice.split("kept ")[1].split(" tokens")[0].split(" of "))
+    assert 0 < kept < total
+    text = prompt_text(m, plan)
+    assert FACT in text and "[Page 1]" in text and "[... pages 2-11 left out to fit the context ...]" in text
+    assert text.rstrip().endswith("What is the secret code? ASSISTANT:")
+    assert plan.prompt_tokens > plan.document_tokens > 512 // 2  # most of the room goes to the document
+
+
+def test_a_follow_up_still_sees_the_document_it_asks_about(folder):
+    m = model(folder, 512)
+    turns = asking(report(12), text="Summarise this report.") + [
+        ChatTurn("assistant", "It is about a lighthouse keeper."), ChatTurn("user", "What is the secret code?")]
+    plan = m.plan("", turns, 32)
+    assert plan.error is None and plan.prompt_tokens + plan.max_new_tokens <= 512
+    assert FACT in prompt_text(m, plan) and plan.document_tokens > 0
+    assert any(n.startswith("report.pdf: kept") for n in plan.notices)
+
+
+def test_a_long_chat_leaves_old_turns_out_before_cutting_a_document_below_its_floor(folder):
+    m = model(folder, 1024)
+    chatter = []
+    for i in range(12):
+        chatter += [ChatTurn("user", f"Tell me about ships, part {i}. " * 4),
+                    ChatTurn("assistant", f"Ships sail the sea, part {i}. " * 4)]
+    plan = m.plan("", chatter + asking(report(12)), 32)
+    assert plan.error is None and plan.prompt_tokens + plan.max_new_tokens <= 1024
+    assert any("oldest" in n and "left out" in n for n in plan.notices), plan.notices
+    assert plan.document_tokens >= 1024 // 4 and FACT in prompt_text(m, plan)
+
+
+def test_a_text_file_is_trimmed_by_tokens(folder):
+    m = model(folder, 512)
+    body = "\n".join(f"Line {i}: the tide came in and went out." for i in range(300)) + "\n" + FACT
+    plan = m.plan("", asking(ChatDocument(body.encode(), "log.txt")), 32)
+    (notice,) = plan.notices
+    assert notice.startswith("log.txt: kept ") and "to fit the 512-token context" in notice and "pages" not in notice
+    text = prompt_text(m, plan)
+    assert "Line 0:" in text and FACT in text and "tokens left out to fit the context ...]" in text
+
+
+def test_an_unreadable_document_is_a_notice_and_the_rest_of_the_message_goes(folder):
+    m = model(folder, 4096)
+    broken = ChatDocument(b"%PDF-1.7\nnot really", "broken.pdf")
+    plan = m.plan("", asking(broken, report(2)), 32)
+    assert plan.error is None and FACT in prompt_text(m, plan)
+    assert plan.notices == ["broken.pdf could not be read as a PDF: the file is damaged or not really a PDF. Please "
+                            "export it again, or send it as text. It was left out."]
+    alone = m.plan("", asking(broken), 32)
+    assert alone.prepared is None and alone.error_code == "bad_document"
+    assert alone.error.startswith("None of the documents in this message could be read, so it was not sent to the "
+                                  "model. broken.pdf could not be read as a PDF")
+
+
+def test_strict_mode_refuses_an_unreadable_document(folder):
+    plan = model(folder, 4096).plan("", asking(ChatDocument(b"\x00\x01", "x.txt")), 32, fit=False)
+    assert plan.error_code == "bad_document" and plan.error.startswith("x.txt does not look like a text file")
+
+
+def test_a_document_alone_is_a_message(folder):
+    m = model(folder, 4096)
+    plan = m.plan("", asking(ChatDocument(b"Remember: " + FACT.encode(), "note.md"), text=""), 32)
+    assert plan.error is None and FACT in prompt_text(m, plan)
