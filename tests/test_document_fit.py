@@ -141,3 +141,18 @@ def test_a_document_alone_is_a_message(folder):
     m = model(folder, 4096)
     plan = m.plan("", asking(ChatDocument(b"Remember: " + FACT.encode(), "note.md"), text=""), 32)
     assert plan.error is None and FACT in prompt_text(m, plan)
+
+
+def test_a_follow_up_does_not_read_or_count_the_document_again(folder, monkeypatch):
+    import engine.chat.document_fit as document_fit
+
+    reads, load = [], document_fit.load_document
+    monkeypatch.setattr(document_fit, "load_document", lambda *a: reads.append(a[1]) or load(*a))
+    m, doc = model(folder, 512), report(12)
+    m.plan("", asking(doc), 32)
+    broken = ChatDocument(b"%PDF-1.7\nnot really", "broken.pdf")
+    turns = asking(doc, broken) + [ChatTurn("assistant", "4817."), ChatTurn("user", "Thanks!")]
+    again = m.plan("", turns, 32)
+    assert reads == ["report.pdf", "broken.pdf"]  # each file read once, a refused one too
+    assert again.document_tokens > 0 and any(n.startswith("report.pdf: kept") for n in again.notices)
+    assert m.documents.get(doc.data, "report.pdf", m.document_limits).keep is None  # fitting works on copies

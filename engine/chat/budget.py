@@ -170,9 +170,9 @@ class Fitter:
 
 
 def fit(builder: PromptBuilder, system: str, items: list[Item], max_new_tokens: int, context_len: int) -> Fitted:
-    items = [Item(it.role, it.text, list(it.images), [doc.copy() for doc in it.documents]) for it in items]
     for doc in (d for it in items for d in it.documents):
-        doc.count(builder.tokenizer)
+        doc.count(builder.tokenizer)  # once per document: the ids stay with it (engine.chat.document_fit)
+    items = [Item(it.role, it.text, list(it.images), [doc.copy() for doc in it.documents]) for it in items]
     fitter = Fitter(builder, system, context_len, max_new_tokens)
     for image in (im for it in items for im in it.images):
         if image.capped_from is not None:
@@ -180,9 +180,10 @@ def fit(builder: PromptBuilder, system: str, items: list[Item], max_new_tokens: 
                                   f"tokens instead of {image.capped_from:,}, as the image token cap in Settings "
                                   "asks.")
     prompt = _encode(builder, system, items)
-    if fitter.excess(prompt) > 0:
+    if fitter.excess(prompt) > 0 and any(it.images for it in items):
         fitter.shrink_images(items, fitter.excess(prompt))
         prompt = fitter.drop_old_images(items, _encode(builder, system, items))
+    if fitter.excess(prompt) > 0:
         prompt = fitter.trim_documents(items, prompt, DOCUMENT_FLOOR_SHARE)
     if fitter.excess(prompt) > 0 and len(items) > 1:
         items = fitter.drop_turns(items)

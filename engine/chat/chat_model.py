@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from typing import AsyncIterator, Iterator
 
-from documents.intake import DocumentError, DocumentLimits, load_document
+from documents.intake import DocumentError, DocumentLimits
 from engine.chat.budget import FitImage, Item, measure
 from engine.chat.budget import fit as _fit  # `fit` is also plan()'s switch
-from engine.chat.document_fit import FitDocument
+from engine.chat.document_fit import DocumentShelf, FitDocument
 from engine.chat.types import ChatTurn, Finished, GenerationSettings, Plan, Queued, TextDelta, TurnStats
 from engine.families import load_model
 from engine.families.base import LoadedModel
@@ -55,6 +55,7 @@ class ChatModel:
         self.loaded = loaded
         self.name, self.description = loaded.name, loaded.description
         self.intake_limits, self.document_limits = intake_limits, document_limits
+        self.documents = DocumentShelf()
         self.server = EngineServer(loaded.engine)
 
     @classmethod
@@ -113,7 +114,8 @@ class ChatModel:
                         raise
                     if newest:  # older ones were reported when they were sent
                         notices.append(f"{exc} It was left out.")
-            documents = read_documents(turn, self.document_limits, notices if newest else [], strict)
+            documents = read_documents(turn, self.documents, self.document_limits, notices if newest else [],
+                                       strict)
             items.append(Item(turn.role, turn.text, decoded, documents))
         if self.sees_images:
             self._read([im for it in items for im in it.images], max_image_tokens)
@@ -247,13 +249,14 @@ class ChatModel:
         return None
 
 
-def read_documents(turn: ChatTurn, limits: DocumentLimits, notices: list[str], strict: bool) -> list[FitDocument]:
-    """A turn's documents, read (documents.intake); one that cannot be used is a notice (or, with `strict`, a
-    DocumentError), and so is anything the reader should know about one (how it was decoded)."""
+def read_documents(turn: ChatTurn, shelf: DocumentShelf, limits: DocumentLimits, notices: list[str],
+                   strict: bool) -> list[FitDocument]:
+    """A turn's documents, read (documents.intake, through `shelf`); one that cannot be used is a notice (or, with
+    `strict`, a DocumentError), and so is anything the reader should know about one (how it was decoded)."""
     out = []
     for upload in turn.documents:
         try:
-            doc = load_document(upload.data, upload.name, limits)
+            doc = shelf.get(upload.data, upload.name, limits)
         except DocumentError as exc:
             if strict:
                 raise
@@ -261,7 +264,7 @@ def read_documents(turn: ChatTurn, limits: DocumentLimits, notices: list[str], s
             continue
         if doc.note:
             notices.append(doc.note)
-        out.append(FitDocument(doc.name, doc.pages, doc.paged))
+        out.append(doc)
     return out
 
 

@@ -16,12 +16,20 @@ kept because questions often concern the end (conclusions, the last figures); th
 document is. Pages are cut at token boundaries, so a page at either edge may be kept in part. The order of
 trimming against images and old turns is engine.chat.budget's (see its docstring).
 
+`DocumentShelf` keeps the last few documents read and counted, by content, so that a follow-up question does not
+re-read a long PDF (seconds for a few hundred pages) and re-count its tokens.
+
 Not here: reading files (documents/ does that) or deciding how much to keep (engine.chat.budget).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
+
+from documents.intake import DocumentError, DocumentLimits, load_document
 
 GAP = "[... {what} left out to fit the context ...]"
 
@@ -36,6 +44,7 @@ class FitDocument:
     paged: bool  # PDF pages (marked `[Page N]`), or one text
     ids: list[list[int]] = field(default_factory=list, repr=False)
     keep: int | None = None
+    note: str | None = None  # what the reader should know (how the file was decoded), from documents.intake
 
     def copy(self) -> "FitDocument":
         return dataclasses.replace(self, ids=self.ids)
@@ -122,6 +131,37 @@ def _ranges(numbers: list[int]) -> str:
     words = [f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs]
     label = "page" if len(numbers) == 1 else "pages"
     return f"{label} {', '.join(words[:-1])} and {words[-1]}" if len(words) > 1 else f"{label} {words[0]}"
+
+
+class DocumentShelf:
+    """The last `size` documents read (or refused), keyed by content, name and limits. Thread-safe: chats plan on
+    several threads; a document being read by two at once is read twice, and either result kept."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self._lock = threading.Lock()
+        self._read: OrderedDict[tuple, FitDocument | DocumentError] = OrderedDict()
+
+    def get(self, data: bytes, name: str, limits: DocumentLimits) -> FitDocument:
+        """The document (its token ids are kept once counted), or the DocumentError it raised when read."""
+        key = (hashlib.sha256(data).hexdigest(), name, limits)
+        with self._lock:
+            found = self._read.get(key)
+            if found is not None:
+                self._read.move_to_end(key)
+        if found is None:
+            try:
+                doc = load_document(data, name, limits)
+                found = FitDocument(doc.name, doc.pages, doc.paged, note=doc.note)
+            except DocumentError as exc:
+                found = exc
+            with self._lock:
+                self._read[key] = found
+                while len(self._read) > self.size:
+                    self._read.popitem(last=False)
+        if isinstance(found, DocumentError):
+            raise found
+        return found
 
 
 def with_documents(documents: list[FitDocument], text: str, tokenizer) -> str:

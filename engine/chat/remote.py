@@ -27,7 +27,7 @@ from PIL import Image
 from documents.intake import DocumentLimits
 from engine.chat.budget import FitImage, Item, fit
 from engine.chat.chat_model import ChatModel, read_documents, refuse_unanswerable
-from engine.chat.document_fit import with_documents
+from engine.chat.document_fit import DocumentShelf, with_documents
 from engine.chat.remote_tokens import LocalCounter
 from engine.chat.types import ChatTurn, Finished, GenerationSettings, Plan, TextDelta, TurnStats
 from engine.paging.sequence import ErrorCode
@@ -63,6 +63,7 @@ class RemoteChatModel:
         self.counter = LocalCounter.load(tokenizer or self.model)
         self.context_len = served_len or (self.counter.context_len if self.counter else 0)
         self.intake_limits, self.capacity, self.document_limits = intake_limits, capacity, document_limits
+        self.documents = DocumentShelf()
         self.name = f"{self.model} (at {self.host})"
         counting = ("Prompts are counted here with the model's own tokenizer and processor." if self.counter else
                     "Its tokenizer is not available here, so the server counts the tokens and says when a "
@@ -135,7 +136,8 @@ class RemoteChatModel:
                 readings = self.counter.readings(picture) if self.counter else []
                 # `picture` keeps the bytes as sent: they go to the server as they are (a data URI)
                 images.append(FitImage(image.name, image_digest(image.data), image, readings))
-            documents = read_documents(turn, self.document_limits, notices if index == len(turns) - 1 else [], False)
+            documents = read_documents(turn, self.documents, self.document_limits,
+                                       notices if index == len(turns) - 1 else [], False)
             items.append(Item(turn.role, turn.text, images, documents))
         return items
 
