@@ -87,7 +87,7 @@ class FitDocument:
     def render(self, tokenizer) -> str:
         """The wrapped text as it goes into the prompt."""
         pages = f' pages="{len(self.pages)}"' if self.paged else ""
-        parts = [f'<document name="{self.name}"{pages}>']
+        parts = [f'<document name="{self.name.replace(chr(34), chr(39))}"{pages}>']  # " in a name would end it
         if self.keep is None or self.kept >= self.total:
             parts += [self._page(i, text) for i, text in enumerate(self.pages)]
         else:
