@@ -87,7 +87,8 @@ class FitDocument:
     def render(self, tokenizer) -> str:
         """The wrapped text as it goes into the prompt."""
         pages = f' pages="{len(self.pages)}"' if self.paged else ""
-        parts = [f'<document name="{self.name.replace(chr(34), chr(39))}"{pages}>']  # " in a name would end it
+        name = self.name.replace('"', "'")  # a " in the name would end the attribute
+        parts = [f'<document name="{name}"{pages}>']
         if self.keep is None or self.kept >= self.total:
             parts += [self._page(i, text) for i, text in enumerate(self.pages)]
         else:
