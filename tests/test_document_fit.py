@@ -1,5 +1,7 @@
 """Documents in a conversation (engine.chat.document_fit, engine.chat.budget): kept whole when they fit, else their
 head and tail kept with a notice that says how much; counted exactly with the checkpoint's tokenizer."""
+import random
+
 import pytest
 
 from engine.chat import ChatDocument, ChatModel, ChatTurn
@@ -38,6 +40,18 @@ def test_trimming_keeps_the_head_and_the_tail_and_marks_the_gap():
     one.keep = 40
     assert "[... 60 tokens left out to fit the context ...]" in one.render(WordTokenizer())
     assert one.notice(256).startswith("notes.txt: kept 40 of 100 tokens to fit the 256-token context")
+
+
+def test_the_kept_ids_are_exactly_the_first_half_and_the_last_half_for_any_pages():
+    rng = random.Random(0)
+    for _ in range(2000):
+        lengths = [rng.randint(0, 12) for _ in range(rng.randint(1, 8))]
+        doc = FitDocument("x.pdf", ("",) * len(lengths), paged=True, ids=[[7] * n for n in lengths])
+        doc.keep = rng.randint(0, doc.total)
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        kept = sorted(starts[page] + i for page, start, end in doc.spans() for i in range(start, end))
+        head, tail = (doc.keep + 1) // 2, doc.keep // 2
+        assert kept == list(range(head)) + list(range(doc.total - tail, doc.total)), (lengths, doc.keep)
 
 
 @pytest.fixture(scope="module")
