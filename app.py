@@ -4,20 +4,20 @@ per-reply stats.
 This file is UI only. `build_demo(model)` builds the page around a loaded `engine.chat.ChatModel` (the handlers are
 closures over it; nothing here is module-level state), turns Gradio's chat history into chat turns, asks the model
 for a plan and a stream of events, and renders them. It does NOT load weights, decode images, count tokens or
-schedule anything: that is `engine.chat` (and, below it, the engine, `vision/` and `documents/`). Importing this file loads no
-model; `main()` does, from the command line:
+schedule anything: that is `engine.chat` (and, below it, the engine, `vision/` and `documents/`). Importing this
+file loads no model; `main()` does, from the command line:
 
     python app.py [--model M] [--device D] [--dtype ...] [--quantize ...] [--kv-cache-dtype int8] [--session-len N]
                   [--rope-scaling-factor F] [--host H] [--port P] [--share]   (`--help` lists all)
 
 Gradio's own ChatInterface supplies retry, undo, edit, copy, clear, stop and the streaming `/chat` API endpoint.
 
-`/chat` API (gradio_client): `client.submit(message, max_new_tokens, temperature, top_p, top_k,
-repetition_penalty, system_prompt, seed, max_image_tokens, api_name="/chat")` where `message = {"text": str,
-"files": [handle_file(path), ...]}` (images, and .txt, .md or .pdf documents). It streams `(reply, context_meter)`: `reply` is a list of assistant messages
-(`{"role", "content", "metadata"}`); the answer is the message without a `metadata.title`, notices, errors, the
-queue position and the stats line are messages with one. Calls from one client share a conversation (Gradio keeps
-it per session).
+`/chat` API (gradio_client): `client.submit(message, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+system_prompt, seed, max_image_tokens, api_name="/chat")` where `message = {"text": str, "files":
+[handle_file(path), ...]}` (images, and .txt, .md or .pdf documents). It streams `(reply, context_meter)`: `reply`
+is a list of assistant messages (`{"role", "content", "metadata"}`); the answer is the message without a
+`metadata.title`, notices, errors, the queue position and the stats line are messages with one. Calls from one
+client share a conversation (Gradio keeps it per session).
 """
 from __future__ import annotations
 

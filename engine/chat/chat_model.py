@@ -12,8 +12,8 @@ stream aborts the request in the engine. `astream()` is the same for asyncio cal
 without `Queued`.
 
 `plan(..., fit=False)` is the strict mode of the HTTP API and the pipeline, which must never change what they were
-sent: any unreadable image or document, or a prompt and reply that do not fit, is `Plan.error` (with `error_code`, and the
-numbers) instead of a notice.
+sent: any unreadable image or document, or a prompt and reply that do not fit, is `Plan.error` (with `error_code`,
+and the numbers) instead of a notice.
 """
 from __future__ import annotations
 

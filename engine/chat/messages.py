@@ -1,13 +1,14 @@
 """OpenAI-style messages -> a system prompt and `ChatTurn`s: the one parser behind the HTTP API and the pipeline.
 
-A message is {"role", "content"}; content is a string or a list of parts: {"type": "text", "text"},
-{"type": "image_url", "image_url": {"url"}} (or the URL as a plain string), {"type": "image", "image"} (the
-pipeline's: a path, a PIL image, bytes or a data URI), and OpenAI's file part {"type": "file", "file":
-{"file_data": "data:application/pdf;base64,...", "filename": "report.pdf"}} for a TXT, Markdown or PDF document
-(inline only: there is no Files API to take a `file_id`), which becomes a `ChatDocument` that the chat layer reads
-(documents.intake) like an upload in the UI. System and developer messages are joined into the system
-prompt; consecutive messages of one role become one turn (texts joined by a blank line, images in order), since
-chat templates expect the roles to alternate. Within a turn the images and documents come before its text, as the UI sends them.
+A message is {"role", "content"}; content is a string or a list of parts: {"type": "text", "text"}, {"type":
+"image_url", "image_url": {"url"}} (or the URL as a plain string), {"type": "image", "image"} (the pipeline's: a
+path, a PIL image, bytes or a data URI), and OpenAI's file part {"type": "file", "file": {"file_data":
+"data:application/pdf;base64,...", "filename": "report.pdf"}} for a TXT, Markdown or PDF document (inline only:
+there is no Files API to take a `file_id`), which becomes a `ChatDocument` that the chat layer reads
+(documents.intake) like an upload in the UI. System and developer messages are joined into the system prompt;
+consecutive messages of one role become one turn (texts joined by a blank line, images in order), since chat
+templates expect the roles to alternate. Within a turn the images and documents come before its text, as the UI
+sends them.
 
 Where an image's bytes come from is the caller's `load(source, position)`: the API decodes data URIs and fetches
 allowed URLs, the pipeline reads paths and PIL images. This module touches neither the network nor the disk.
