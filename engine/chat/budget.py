@@ -156,7 +156,7 @@ class Fitter:
                                 "no room for it beside this message.")
 
     def drop_turns(self, items: list[Item]) -> list[Item]:
-        """Step 3: the smallest block-aligned cut of whole exchanges that fits (see the module docstring)."""
+        """Step 4: the smallest block-aligned cut of whole exchanges that fits (see the module docstring)."""
         block = max(self.context_len // DROP_BLOCK_SHARE, 1)
         starts = [i for i in range(1, len(items)) if items[i].role == "user"]  # exchange boundaries
         offsets = {i: len(_encode(self.builder, self.system, items[:i]).ids) for i in starts}
