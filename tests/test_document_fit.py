@@ -101,6 +101,26 @@ def test_a_long_document_is_trimmed_with_a_notice_and_its_last_page_kept(folder)
     assert plan.prompt_tokens > plan.document_tokens > 512 // 2  # most of the room goes to the document
 
 
+def test_a_trimmed_document_fills_the_room_left(folder):
+    """Cutting 30 pages to 2 also drops 28 page markers: the cut is corrected until the prompt nearly fills."""
+    m = model(folder, 1024)
+    plan = m.plan("", asking(report(30)), 4)
+    assert 1024 - 8 <= plan.prompt_tokens + plan.max_new_tokens <= 1024, plan.prompt_tokens
+    assert plan.max_new_tokens == 4 and FACT in prompt_text(m, plan)
+
+
+def test_a_document_with_no_room_beside_the_message_is_left_out_with_a_notice(folder):
+    m = model(folder, 512)
+    for n in range(200):  # a question that leaves fewer than MIN_DOCUMENT_TOKENS free
+        text = "Tell me about the sea. " * n
+        if m.plan("", [ChatTurn("user", text)], 32).prompt_tokens + 32 > 512 - 20:
+            break
+    plan = m.plan("", asking(report(3), text=text), 32)
+    assert plan.error is None and plan.document_tokens == 0 and FACT not in prompt_text(m, plan)
+    assert "report.pdf was left out: the model's context of 512 tokens has no room for it beside this message." \
+        in plan.notices
+
+
 def test_a_follow_up_still_sees_the_document_it_asks_about(folder):
     m = model(folder, 512)
     turns = asking(report(12), text="Summarise this report.") + [

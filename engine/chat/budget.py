@@ -35,7 +35,8 @@ MIN_REPLY_TOKENS = 16
 DROP_BLOCK_SHARE = 4  # old turns leave in blocks of context_len / DROP_BLOCK_SHARE tokens
 DOCUMENT_FLOOR_SHARE = 4  # step 3 trims a document to no less than context_len / DOCUMENT_FLOOR_SHARE tokens
 MIN_DOCUMENT_TOKENS = 32  # step 5: a document cut below this is left out (a scrap misleads more than it helps)
-TRIM_ROUNDS = 4  # a cut is re-counted: page markers and token edges move the total by a few tokens
+TRIM_ROUNDS = 6  # a cut is re-counted and corrected (engine.chat.budget.Fitter._cut) at most this many times
+TRIM_SLACK = 8  # a trimmed document is good enough when the prompt and reply leave at most this many tokens unused
 
 
 @dataclass
@@ -140,13 +141,36 @@ class Fitter:
         """Steps 3 (`floor_share`: none below context_len / floor_share tokens) and 5 (None: down to nothing)."""
         for doc in (d for it in items for d in it.documents):
             floor = 0 if floor_share is None else min(doc.total, self.context_len // floor_share)
-            for _ in range(TRIM_ROUNDS):
-                excess = self.excess(prompt)
-                if excess <= 0 or doc.kept <= floor:
-                    break
-                keep = max(doc.kept - excess, floor)
-                doc.keep = keep if keep >= MIN_DOCUMENT_TOKENS or floor_share is not None else 0
+            if self.excess(prompt) <= 0:
+                break
+            if doc.kept > floor:
+                prompt = self._cut(items, doc, prompt, floor)
+            if floor_share is None and doc.keep is not None and 0 < doc.kept < MIN_DOCUMENT_TOKENS:
+                doc.keep = 0
                 prompt = _encode(self.builder, self.system, items)
+        return prompt
+
+    def _cut(self, items: list[Item], doc: FitDocument, prompt: EncodedPrompt, floor: int) -> EncodedPrompt:
+        """Cut `doc` to about the most ids (no fewer than `floor`) with which the prompt fits: first by the excess,
+        then corrected both ways within the bounds found, since page markers and token edges move the total too
+        (cutting a 30-page PDF to two pages also drops 28 `[Page N]` markers, so the first cut takes too much)."""
+        fits, too_many = None, doc.kept  # the most ids known to fit, the fewest known not to
+        for _ in range(TRIM_ROUNDS):
+            excess = self.excess(prompt)
+            keep = min(max(doc.kept - excess, floor), too_many - 1)
+            if fits is not None:
+                keep = max(keep, fits + 1)
+            if -TRIM_SLACK <= excess <= 0 or keep >= too_many or keep < floor or keep == doc.kept:
+                break
+            doc.keep = keep
+            prompt = _encode(self.builder, self.system, items)
+            if self.excess(prompt) <= 0:
+                fits = keep
+            else:
+                too_many = keep
+        if self.excess(prompt) > 0 and fits is not None:
+            doc.keep = fits
+            prompt = _encode(self.builder, self.system, items)
         return prompt
 
     def document_notices(self, items: list[Item]) -> None:
