@@ -8,7 +8,7 @@ from engine.chat import ChatDocument, ChatModel, ChatTurn
 from engine.chat.document_fit import FitDocument
 from engine.families import load_model
 from tests.make_pdfs import make_pdf, report_pages
-from tests.tiny_checkpoints import make_tiny_llava
+from tests.tiny_checkpoints import make_tiny_llava, make_tiny_lm
 
 FACT = "The secret code is 4817."
 
@@ -190,3 +190,17 @@ def test_a_follow_up_does_not_read_or_count_the_document_again(folder, monkeypat
     assert reads == ["report.pdf", "broken.pdf"]  # each file read once, a refused one too
     assert again.document_tokens > 0 and any(n.startswith("report.pdf: kept") for n in again.notices)
     assert m.documents.get(doc.data, "report.pdf", m.document_limits).keep is None  # fitting works on copies
+
+
+def test_a_model_that_reads_text_only_takes_documents(tmp_path):
+    _, _, tokenizer = make_tiny_lm(tmp_path)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    tokenizer.save_pretrained(tmp_path)
+    m = ChatModel(load_model(str(tmp_path), "cpu"))
+    try:
+        assert not m.sees_images
+        plan = m.plan("", asking(ChatDocument(FACT.encode(), "notes.txt")), 8)
+        assert plan.error is None and plan.document_tokens > 0 and FACT in prompt_text(m, plan)
+    finally:
+        m.close()
