@@ -8,7 +8,10 @@ A document rides in its user turn as a block in front of the turn's text:
     </document>
 
 with a `[Page N]` marker before each PDF page, so the model can say where it read something. Its tokens are
-counted with the checkpoint's own tokenizer, page by page, before anything runs.
+counted with the checkpoint's own tokenizer, page by page, before anything runs. The tokenizer's added tokens
+(`<image>`, `<|im_end|>`, `</s>`, ...) are matched in any text it reads, so a document that spells one would place
+an image, end the turn or start another role; their spellings in a document (and its name) are broken with a zero
+width space first, which reads the same.
 
 Trimming rule, when the conversation does not fit with a document whole: keep its head and its tail, half of the
 kept tokens each, and leave out the middle, marked `[... pages 5-10 left out to fit the context ...]`. The tail is
@@ -32,6 +35,16 @@ from dataclasses import dataclass, field
 from documents.intake import DocumentError, DocumentLimits, load_document
 
 GAP = "[... {what} left out to fit the context ...]"
+ZERO_WIDTH_SPACE = "\u200b"
+
+
+def defused(text: str, tokenizer) -> str:
+    """`text` with the spelling of each of the tokenizer's added tokens broken (see the module docstring). With no
+    tokenizer (a remote server's, unknown here) the text is as it was."""
+    for token in tokenizer.get_added_vocab() if tokenizer is not None else ():
+        if len(token) > 1 and token in text:
+            text = text.replace(token, token[0] + ZERO_WIDTH_SPACE + token[1:])
+    return text
 
 
 @dataclass
@@ -50,8 +63,9 @@ class FitDocument:
         return dataclasses.replace(self, ids=self.ids)
 
     def count(self, tokenizer) -> None:
-        """Token ids of each page's text, once (the tokenizer is the checkpoint's)."""
+        """Token ids of each page's text, once (the tokenizer is the checkpoint's); its added tokens defused."""
         if not self.ids and self.pages:
+            self.pages = tuple(defused(page, tokenizer) for page in self.pages)
             self.ids = [list(ids) for ids in tokenizer(list(self.pages), add_special_tokens=False).input_ids]
 
     @property
@@ -87,7 +101,7 @@ class FitDocument:
     def render(self, tokenizer) -> str:
         """The wrapped text as it goes into the prompt."""
         pages = f' pages="{len(self.pages)}"' if self.paged else ""
-        name = self.name.replace('"', "'")  # a " in the name would end the attribute
+        name = defused(self.name.replace('"', "'"), tokenizer)  # a " in the name would end the attribute
         parts = [f'<document name="{name}"{pages}>']
         if self.keep is None or self.kept >= self.total:
             parts += [self._page(i, text) for i, text in enumerate(self.pages)]
