@@ -42,7 +42,8 @@ def defused(text: str, tokenizer) -> str:
     """`text` with the spelling of each of the tokenizer's added tokens broken (see the module docstring). With no
     tokenizer (a remote server's, unknown here) the text is as it was."""
     for token in tokenizer.get_added_vocab() if tokenizer is not None else ():
-        if len(token) > 1 and token in text:
+        # Markup tokens have no spaces; some tokenizers add runs of spaces or newlines, which are left alone.
+        if len(token) > 1 and not any(ch.isspace() for ch in token) and token in text:
             text = text.replace(token, token[0] + ZERO_WIDTH_SPACE + token[1:])
     return text
 
