@@ -104,12 +104,20 @@ def test_a_long_document_is_trimmed_with_a_notice_and_its_last_page_kept(folder)
     assert plan.prompt_tokens > plan.document_tokens > 512 // 2  # most of the room goes to the document
 
 
-def test_a_trimmed_document_fills_the_room_left(folder):
-    """Cutting 30 pages to 2 also drops 28 page markers: the cut is corrected until the prompt nearly fills."""
-    m = model(folder, 1024)
-    plan = m.plan("", asking(report(30)), 4)
-    assert 1024 - 8 <= plan.prompt_tokens + plan.max_new_tokens <= 1024, plan.prompt_tokens
+def test_a_trimmed_document_fills_the_room_left_to_a_block_and_stays_cut_there(folder):
+    """Cutting 30 pages to 2 also drops 28 page markers: the cut is corrected until the prompt nearly fills, then
+    rounded down to a block (1024 / 16 = 64 tokens), which a short follow-up does not move: its prompt starts with
+    the same tokens, document included, so the prefix cache serves it."""
+    m, doc = model(folder, 1024), report(30)
+    plan = m.plan("", asking(doc), 4)
+    assert 1024 - 64 - 8 <= plan.prompt_tokens + plan.max_new_tokens <= 1024, plan.prompt_tokens
     assert plan.max_new_tokens == 4 and FACT in prompt_text(m, plan)
+    kept = int(plan.notices[0].split("kept ")[1].split(" of")[0].replace(",", ""))
+    assert kept % 64 == 0
+    follow_up = asking(doc) + [ChatTurn("assistant", "4817."), ChatTurn("user", "Sure?")]
+    again = m.plan("", follow_up, 4)
+    assert again.notices == plan.notices
+    assert again.prepared[0][:plan.prompt_tokens - 4] == plan.prepared[0][:plan.prompt_tokens - 4]
 
 
 def test_a_document_with_no_room_beside_the_message_is_left_out_with_a_notice(folder):

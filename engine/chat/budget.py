@@ -36,7 +36,8 @@ DROP_BLOCK_SHARE = 4  # old turns leave in blocks of context_len / DROP_BLOCK_SH
 DOCUMENT_FLOOR_SHARE = 4  # step 3 trims a document to no less than context_len / DOCUMENT_FLOOR_SHARE tokens
 MIN_DOCUMENT_TOKENS = 32  # step 5: a document cut below this is left out (a scrap misleads more than it helps)
 TRIM_ROUNDS = 6  # a cut is re-counted and corrected (engine.chat.budget.Fitter._cut) at most this many times
-TRIM_SLACK = 8  # a trimmed document is good enough when the prompt and reply leave at most this many tokens unused
+TRIM_SLACK = 8  # the search for a cut stops when the prompt and reply leave at most this many tokens unused
+TRIM_BLOCK_SHARE = 16  # a cut keeps a multiple of context_len / TRIM_BLOCK_SHARE tokens (see Fitter._cut)
 
 
 @dataclass
@@ -153,7 +154,10 @@ class Fitter:
     def _cut(self, items: list[Item], doc: FitDocument, prompt: EncodedPrompt, floor: int) -> EncodedPrompt:
         """Cut `doc` to about the most ids (no fewer than `floor`) with which the prompt fits: first by the excess,
         then corrected both ways within the bounds found, since page markers and token edges move the total too
-        (cutting a 30-page PDF to two pages also drops 28 `[Page N]` markers, so the first cut takes too much)."""
+        (cutting a 30-page PDF to two pages also drops 28 `[Page N]` markers, so the first cut takes too much).
+        What is kept is then rounded down to a block of the context: the next turns of the chat take room from
+        that slack and the document stays cut where it was, so their prompts start the same and the prefix cache
+        reuses the document's KV (as old turns leave in blocks)."""
         fits, too_many = None, doc.kept  # the most ids known to fit, the fewest known not to
         for _ in range(TRIM_ROUNDS):
             excess = self.excess(prompt)
@@ -168,9 +172,12 @@ class Fitter:
                 fits = keep
             else:
                 too_many = keep
-        if self.excess(prompt) > 0 and fits is not None:
-            doc.keep = fits
-            prompt = _encode(self.builder, self.system, items)
+        if fits is not None:
+            block = max(self.context_len // TRIM_BLOCK_SHARE, 1)
+            settled = max(floor, fits // block * block)
+            if doc.keep != settled:
+                doc.keep = settled
+                prompt = _encode(self.builder, self.system, items)
         return prompt
 
     def document_notices(self, items: list[Item]) -> None:
