@@ -1,22 +1,23 @@
-"""The chat UI: drop in photos, talk about them, watch the reply stream in, with per-reply stats.
+"""The chat UI: drop in photos or documents (TXT, Markdown, PDF), talk about them, watch the reply stream in, with
+per-reply stats.
 
 This file is UI only. `build_demo(model)` builds the page around a loaded `engine.chat.ChatModel` (the handlers are
 closures over it; nothing here is module-level state), turns Gradio's chat history into chat turns, asks the model
 for a plan and a stream of events, and renders them. It does NOT load weights, decode images, count tokens or
-schedule anything: that is `engine.chat` (and, below it, the engine and `vision/`). Importing this file loads no
-model; `main()` does, from the command line:
+schedule anything: that is `engine.chat` (and, below it, the engine, `vision/` and `documents/`). Importing this
+file loads no model; `main()` does, from the command line:
 
     python app.py [--model M] [--device D] [--dtype ...] [--quantize ...] [--kv-cache-dtype int8] [--session-len N]
                   [--rope-scaling-factor F] [--host H] [--port P] [--share]   (`--help` lists all)
 
 Gradio's own ChatInterface supplies retry, undo, edit, copy, clear, stop and the streaming `/chat` API endpoint.
 
-`/chat` API (gradio_client): `client.submit(message, max_new_tokens, temperature, top_p, top_k,
-repetition_penalty, system_prompt, seed, max_image_tokens, api_name="/chat")` where `message = {"text": str,
-"files": [handle_file(path), ...]}`. It streams `(reply, context_meter)`: `reply` is a list of assistant messages
-(`{"role", "content", "metadata"}`); the answer is the message without a `metadata.title`, notices, errors, the
-queue position and the stats line are messages with one. Calls from one client share a conversation (Gradio keeps
-it per session).
+`/chat` API (gradio_client): `client.submit(message, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+system_prompt, seed, max_image_tokens, api_name="/chat")` where `message = {"text": str, "files":
+[handle_file(path), ...]}` (images, and .txt, .md or .pdf documents). It streams `(reply, context_meter)`: `reply`
+is a list of assistant messages (`{"role", "content", "metadata"}`); the answer is the message without a
+`metadata.title`, notices, errors, the queue position and the stats line are messages with one. Calls from one
+client share a conversation (Gradio keeps it per session).
 """
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ from typing import Any
 
 import gradio as gr
 
-from engine.chat import CHAT_DEFAULTS, ChatImage, ChatModel, ChatTurn, Finished, GenerationSettings, Queued, TextDelta
+from documents.intake import SUFFIXES, is_document
+from engine.chat import (CHAT_DEFAULTS, PRESETS, ChatDocument, ChatImage, ChatModel, ChatTurn, Finished,
+                         GenerationSettings, Queued, TextDelta)
 from engine.options import add_model_args, model_kwargs
 from engine.sampling_params import SEED_MAX, InvalidParameter
 
@@ -95,20 +98,25 @@ def _text_of(item: Any) -> str:
     return ""
 
 
-def _read_image(path: str, name: str, notes: list[str]) -> ChatImage | None:
+def _read_upload(path: str, name: str, notes: list[str]) -> ChatImage | ChatDocument | None:
+    """An uploaded file as the model's input: a document (by its content or its name, documents.intake) or an
+    image; None when it is gone."""
     try:
-        return ChatImage(data=Path(path).read_bytes(), name=name)
+        data = Path(path).read_bytes()
     except OSError:
         notes.append(
-            f"The image **{name}** is no longer on the server (uploads are kept for about an hour), "
+            f"The file **{name}** is no longer on the server (uploads are kept for about an hour), "
             "so it was left out. Send it again if the answer needs it."
         )
         return None
+    return ChatDocument(data=data, name=name) if is_document(name, data) else ChatImage(data=data, name=name)
 
 
 def _user_turn(texts: list[str], files: list[tuple[str, str]], notes: list[str]) -> ChatTurn:
-    images = tuple(img for path, name in files if (img := _read_image(path, name, notes)) is not None)
-    return ChatTurn(role="user", text="\n".join(t for t in texts if t.strip()), images=images)
+    uploads = [upload for path, name in files if (upload := _read_upload(path, name, notes)) is not None]
+    return ChatTurn(role="user", text="\n".join(t for t in texts if t.strip()),
+                    images=tuple(u for u in uploads if isinstance(u, ChatImage)),
+                    documents=tuple(u for u in uploads if isinstance(u, ChatDocument)))
 
 
 def _is_side_note(message: dict) -> bool:
@@ -172,22 +180,25 @@ def _side_note(title: str, content: str = "") -> dict:
 
 
 def stats_line(stats) -> str:
+    documents = f"{stats.document_tokens} document tokens · " if stats.document_tokens else ""
     return (
-        f"📊 {stats.image_tokens} image tokens · {stats.prompt_tokens} prompt tokens · "
+        f"📊 {stats.image_tokens} image tokens · {documents}{stats.prompt_tokens} prompt tokens · "
         f"{stats.generated_tokens} generated · first token {stats.ttft_s:.2f} s · "
         f"{stats.decode_tokens_per_s:.1f} tokens/s · context {stats.context_used} / {stats.context_len}"
     )
 
 
 def context_meter(stats) -> str:
-    """The context after the last reply: a bar, the total, and the part of it that the images take."""
+    """The context after the last reply: a bar, the total, and the parts of it that the images and documents
+    take."""
     if stats.context_len <= 0:
         return ""
     share = min(1.0, stats.context_used / stats.context_len)
     filled = round(share * 20)
     images = f"{stats.image_tokens} of them for images" if stats.image_tokens else "no images"
+    documents = f" · {stats.document_tokens} for documents" if stats.document_tokens else ""
     return (f"**Context** `{'█' * filled}{'░' * (20 - filled)}` {stats.context_used} / {stats.context_len} tokens "
-            f"({share:.0%}) after the last reply · {images}")
+            f"({share:.0%}) after the last reply · {images}{documents}")
 
 
 def queue_words(position: int) -> str:
@@ -311,8 +322,8 @@ def chat_handler(model) -> Callable[..., Iterator[tuple[list[dict], Any]]]:
 def _answer(model, message, history, system: str, settings: GenerationSettings,
             reply: Reply) -> Iterator[tuple[list[dict], Any]]:
     turns = history_to_turns(history, message, reply.notes)
-    if not turns[-1].text.strip() and not turns[-1].images:
-        nothing = _side_note("✍️ Nothing to answer", "Type a question or attach an image.")
+    if not turns[-1].text.strip() and not turns[-1].images and not turns[-1].documents:
+        nothing = _side_note("✍️ Nothing to answer", "Type a question or attach an image or a document.")
         yield reply.messages(nothing), gr.skip()
         return
     plan = model.plan(system, turns, settings.max_new_tokens, settings.max_image_tokens)
@@ -377,13 +388,14 @@ def setting_box(value: int, label: str, info: str, minimum: int, maximum: int | 
 
 
 def header_markdown(model) -> str:
-    limits = model.intake_limits
+    limits, docs = model.intake_limits, model.document_limits
     return (
         f"## 🖼️ Chat about your photos\n"
         f"**Model:** {model.name} · context {model.context_len} tokens · {model.capacity} replies at a time\n\n"
         f"{model.description}\n\n"
         f"<small>Drop, paste or attach images (up to {limits.max_bytes / 2**20:.0f} MB and "
-        f"{limits.max_pixels / 1e6:.0f} megapixels each; several per message). "
+        f"{limits.max_pixels / 1e6:.0f} megapixels each; several per message), or TXT, Markdown and PDF documents "
+        f"(up to {docs.max_bytes / 2**20:.0f} MB and {docs.max_pages} pages; a PDF's text layer is read). "
         "Images and messages are not logged; uploads are deleted after about an hour.</small>"
     )
 
@@ -394,11 +406,12 @@ def settings_inputs() -> list[gr.components.Component]:
     d = CHAT_DEFAULTS
     return [
         gr.Slider(1, 4096, value=d.max_new_tokens, step=1, label="Max new tokens", render=False),
-        gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="Temperature",
+        gr.Slider(0.0, 2.0, value=d.temperature, step=0.01, label="Temperature", elem_id="setting-temperature",
                   info="0 = greedy (always the likeliest token)", render=False),
         gr.Slider(0.05, 1.0, value=d.top_p, step=0.05, label="Top-p", render=False),
         gr.Slider(0, 200, value=d.top_k, step=1, label="Top-k", info="0 = off", render=False),
-        gr.Slider(1.0, 2.0, value=d.repetition_penalty, step=0.05, label="Repetition penalty", render=False),
+        gr.Slider(1.0, 2.0, value=d.repetition_penalty, step=0.01, label="Repetition penalty",
+                  elem_id="setting-repetition_penalty", render=False),
         gr.Textbox("", label="System prompt", lines=2, placeholder="Optional, e.g. 'Answer in one sentence.'",
                    render=False),
         setting_box(-1, "Seed", minimum=-1, maximum=SEED_MAX,
@@ -408,6 +421,23 @@ def settings_inputs() -> list[gr.components.Component]:
                     info="0 or empty = the model's own reading. Lower: a cheaper, less detailed reading of each "
                          "image where the model has one, leaving more room for the conversation"),
     ]
+
+
+def preset_values(name: str) -> tuple[float, float]:
+    """The (temperature, repetition penalty) a preset sets (engine.chat.types.PRESETS); the other settings stay."""
+    preset = PRESETS[name]
+    return preset.temperature, preset.repetition_penalty
+
+
+def preset_menu(inputs: list[gr.components.Component]) -> None:
+    """Renders the preset menu, which sets the Temperature and Repetition penalty sliders among `inputs`."""
+    long = PRESETS["Long document"]
+    menu = gr.Dropdown(list(PRESETS), value="Chat", label="Preset", elem_id="preset", interactive=True,
+                       info=f"Long document: temperature {long.temperature}, repetition penalty "
+                            f"{long.repetition_penalty}, for answers taken from an attached document")
+    sliders = [next(c for c in inputs if c.elem_id == f"setting-{name}") for name in
+               ("temperature", "repetition_penalty")]
+    menu.change(preset_values, menu, sliders, api_visibility="undocumented", queue=False)
 
 
 def build_demo(model) -> gr.Blocks:
@@ -420,25 +450,29 @@ def build_demo(model) -> gr.Blocks:
         chatbot = gr.Chatbot(elem_id="chatbot", label="Chat", editable="user", buttons=["copy", "copy_all"],
                              placeholder="Drop a photo below and ask about it.", height=520, scale=1)
         textbox = gr.MultimodalTextbox(
-            elem_id="chat-input", file_types=["image"], file_count="multiple", sources=["upload"],
-            placeholder="Ask about an image: drop, paste or attach photos, then press Enter…",
+            elem_id="chat-input", file_types=["image", *SUFFIXES], file_count="multiple", sources=["upload"],
+            placeholder="Ask about an image or a document: drop, paste or attach photos, TXT, Markdown or PDF "
+                        "files, then press Enter…",
             autofocus=True, submit_btn=True, stop_btn=True)
+        inputs = settings_inputs()
         chat = gr.ChatInterface(
             _on_gpu(chat_handler(model)),
             multimodal=True,
             chatbot=chatbot,
             textbox=textbox,
-            additional_inputs=settings_inputs(),
+            additional_inputs=inputs,
             additional_inputs_accordion=gr.Accordion("Settings", open=False, render=False),
             additional_outputs=[meter],
             editable=True,
             concurrency_limit=model.capacity,
             api_name="chat",
-            api_description="Answer a message (text + image files) in this session's conversation; streams the reply.",
+            api_description="Answer a message (text + image or document files) in this session's conversation; "
+                            "streams the reply.",
             analytics_enabled=False,
             fill_height=True,
         )
         meter.render()
+        preset_menu(inputs)
         chat.chatbot.clear(lambda: "", None, meter, api_visibility="undocumented", queue=False)
     for block_fn in blocks.fns.values():  # ChatInterface registers one handler per trigger, each wrapping chat.fn
         if getattr(block_fn.fn, "__wrapped__", None) is chat.fn:

@@ -48,11 +48,13 @@ def context_exceeded(prompt_tokens: int, max_tokens: int | None, context_len: in
 
 
 def from_plan(plan: Plan, max_tokens: int | None, what: str) -> ApiError:
-    """A plan the chat layer refused (strict mode): the image's problem, the numbers, or the malformed input."""
+    """A plan the chat layer refused (strict mode): the image's or document's problem, the numbers, or the
+    malformed input."""
     if plan.error_code == "context_exceeded":
         return context_exceeded(plan.prompt_tokens, max_tokens, plan.context_len, what)
-    if plan.error_code == "bad_image":
-        return ApiError(400, plan.error or "An image could not be read.", param=what, code="bad_image")
+    if plan.error_code in ("bad_image", "bad_document"):
+        return ApiError(400, plan.error or "An image or document could not be read.", param=what,
+                        code=plan.error_code)
     return ApiError(400, plan.error or "This request cannot be answered.", param=what)
 
 

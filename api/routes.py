@@ -26,6 +26,7 @@ from api.media import MediaError, MediaFetcher
 from api.params import Params, parse
 from api.responses import Shape, streamed, whole
 from api.runs import Choice
+from documents.intake import DocumentError
 from engine.chat.chat_model import ChatModel
 from engine.chat.messages import image_sources, is_data_uri, to_turns
 from engine.chat.types import ChatImage, Plan
@@ -85,6 +86,8 @@ class OpenAIEndpoints:
             raise ApiError(400, str(exc), param="messages", code=exc.code) from None
         except ImageError as exc:
             raise ApiError(400, str(exc), param="messages", code="bad_image") from None
+        except DocumentError as exc:
+            raise ApiError(400, str(exc), param="messages", code="bad_document") from None
         plan = await run_in_threadpool(self.model.plan, system, turns, params.max_tokens, None, False)
         if plan.error:
             raise from_plan(plan, params.max_tokens, "messages")

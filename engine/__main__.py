@@ -1,7 +1,8 @@
 """Command line: `python -m engine --model M --image PATH --prompt TEXT`: streams the reply to stdout.
 
-Stdout carries the reply and nothing else; `--stats` writes prompt tokens, image tokens, time to first token and
-decode tokens/s to stderr. This entry point is a front end like app.py: it reaches the vision side through the
+`--document PATH` adds a TXT, Markdown or PDF file's text to the prompt (trimmed to fit, with a note, as in the
+chat). Stdout carries the reply and nothing else; notes and `--stats` (prompt, image and document tokens, time to
+first token, decode tokens/s) go to stderr. This entry point is a front end like app.py: it reaches the vision side through the
 `vlm` glue, imported here only.
 """
 from __future__ import annotations
@@ -20,6 +21,8 @@ def parse(argv=None) -> argparse.Namespace:
                    help="Hub id or local folder (llava-hf format); omit for the Hub default, or the embedded "
                         "offline default when the Hub cannot be reached; 'default' forces the embedded one")
     p.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
+    p.add_argument("--document", action="append", default=[],
+                   help="a TXT, Markdown or PDF file whose text goes into the prompt; repeat for several")
     p.add_argument("--prompt", required=True)
     p.add_argument("--system", default="")
     p.add_argument("--raw", action="store_true", help="no chat template; mark each image with <image>")
@@ -40,13 +43,17 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    from engine.chat import ChatImage, ChatModel, GenerationSettings
+    from engine.chat import ChatDocument, ChatImage, ChatModel, GenerationSettings
     from engine.sampling_params import InvalidParameter
 
+    if args.raw and args.document:
+        print("error: --document needs the chat template; it cannot be used with --raw", file=sys.stderr)
+        return 2
     try:
         images = tuple(ChatImage(Path(p).read_bytes(), Path(p).name) for p in args.image)
+        documents = tuple(ChatDocument(Path(p).read_bytes(), Path(p).name) for p in args.document)
     except OSError as exc:
-        print(f"error: cannot read image: {exc}", file=sys.stderr)
+        print(f"error: cannot read file: {exc}", file=sys.stderr)
         return 2
     try:
         settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -58,20 +65,20 @@ def main(argv=None) -> int:
         return 2
     model = ChatModel.load(args.model, **model_kwargs(args))
     try:
-        return _run(model, args, images, settings)
+        return _run(model, args, images, documents, settings)
     finally:
         model.close()  # stop and join the engine loop: no thread may still be in native code at exit
 
 
-def _run(model, args, images, settings) -> int:
+def _run(model, args, images, documents, settings) -> int:
     from engine.chat import ChatTurn, Finished, TextDelta
 
     try:
         if args.raw:
             plan = model.plan_raw(args.prompt, list(images), args.max_new_tokens, args.max_image_tokens)
         else:
-            plan = model.plan(args.system, [ChatTurn("user", args.prompt, images)], args.max_new_tokens,
-                              args.max_image_tokens)
+            plan = model.plan(args.system, [ChatTurn("user", args.prompt, images, documents)],
+                              args.max_new_tokens, args.max_image_tokens)
     except ValueError as exc:  # raw mode: an unreadable image, images on a text-only model, a marker miscount
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -90,7 +97,8 @@ def _run(model, args, images, settings) -> int:
         print(f"[{finished.stats.finish_reason}] {finished.message}", file=sys.stderr)
     if args.stats:
         s = finished.stats
-        print(f"prompt tokens: {s.prompt_tokens}  image tokens: {s.image_tokens}  generated: {s.generated_tokens}  "
+        print(f"prompt tokens: {s.prompt_tokens}  image tokens: {s.image_tokens}  document tokens: "
+              f"{s.document_tokens}  generated: {s.generated_tokens}  "
               f"TTFT: {s.ttft_s * 1000:.0f} ms  decode: {s.decode_tokens_per_s:.1f} tokens/s  "
               f"finish: {s.finish_reason}", file=sys.stderr)
     return 1 if finished.stats.finish_reason == "error" else 0

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.browser.app_server import REPO, running_app, save_cat_png
+from tests.make_pdfs import make_pdf, report_pages
 
 pytestmark = pytest.mark.slow
 
@@ -188,3 +189,31 @@ def test_an_invalid_seed_is_answered_in_the_chat_and_a_valid_one_works(page):
         assert time.monotonic() < deadline, "no reply once the seed was valid"
         time.sleep(0.1)
     assert page.locator("#chatbot [data-testid='user']").count() == 2  # the chat was kept
+
+
+def test_a_pdf_with_the_long_document_preset(page, tmp_path):
+    """The preset menu sets the two sliders; a PDF made here goes in through the textbox's file input; the stats line
+    counts the document and the embedded default reads the fact on its last page. Leaves a screenshot in
+    artifacts/browser_document.png."""
+    page.locator("button.label-wrap", has_text="Settings").first.click()
+    temperature = page.get_by_label("number input for Temperature")
+    penalty = page.get_by_label("number input for Repetition penalty")
+    temperature.wait_for(state="visible")
+    page.locator("#preset input").click()
+    page.get_by_role("option", name="Long document").click()
+    page.wait_for_function("() => document.querySelector(\"[aria-label='number input for Temperature']\")"
+                           ".value === '0.05'", timeout=30_000)
+    assert penalty.input_value() == "1.02"
+
+    pdf = tmp_path / "harbour_report.pdf"
+    pdf.write_bytes(make_pdf(report_pages(6, "The secret code is 4817.")))
+    page.set_input_files("#chat-input input[type=file]", str(pdf))
+    page.wait_for_selector("#chat-input [aria-label='File thumbnail']")  # a file icon: Gradio shows no name
+    page.fill("#chat-input textarea", "What is the secret code?")
+    page.press("#chat-input textarea", "Enter")
+    wait_for_streamed_answer(page)
+    assert "document tokens" in stats_lines(page)[-1], stats_lines(page)
+    assert "for documents" in page.inner_text("#context-meter")
+    assert "4817" in answer_text(page), answer_text(page)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser_document.png"), full_page=True)

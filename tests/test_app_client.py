@@ -16,7 +16,9 @@ import httpx
 import pytest
 from gradio_client import Client, handle_file
 
+from engine.chat.types import LONG_DOCUMENT
 from tests.browser.app_server import REPO, running_app, save_cat_png, save_truncated_jpeg
+from tests.make_pdfs import make_pdf, report_pages
 
 pytestmark = pytest.mark.slow
 
@@ -188,6 +190,32 @@ def test_max_tokens_per_image_is_taken(app_url, images):
     assert answer_of(capped).strip(), side_notes(capped)
     bad, _ = ask(_client(app_url), "What animal is in this picture?", images["cat"], max_image_tokens=-3)[-1]
     assert bad[-1]["content"].startswith("Max tokens per image must be a whole number"), bad
+
+
+@pytest.fixture(scope="module")
+def short_context_url(tmp_path_factory):
+    """The app with a 2,048-token session, so that a 20-page PDF must be trimmed to fit."""
+    with running_app(tmp_path_factory.mktemp("app_logs_documents"), "--session-len", "2048") as running:
+        yield running.url
+
+
+def test_a_pdf_is_trimmed_to_fit_and_the_fact_on_its_last_page_is_answered(short_context_url, tmp_path):
+    """The issue's scenario: a PDF made here, whose last page states a fact, asked about with the Long document
+    preset's settings. The embedded default's real weights answer it (greedy-like; tried at 3, 12, 20 and 40
+    pages)."""
+    pdf = tmp_path / "harbour_report.pdf"
+    pdf.write_bytes(make_pdf(report_pages(20, "The secret code is 4817.")))
+    updates = ask(_client(short_context_url), "What is the secret code?", pdf, seed=1,
+                  temperature=LONG_DOCUMENT.temperature, repetition_penalty=LONG_DOCUMENT.repetition_penalty)
+    assert len(updates) > 1, "the reply arrived in one piece, not streamed"
+    reply, meter = updates[-1]
+    notes = " ".join(side_notes(reply))
+    assert re.search(r"harbour_report.pdf: kept [\d,]+ of [\d,]+ tokens \(pages 1-\d+ and \d+-20 of 20\) to fit the "
+                     r"2,048-token context", notes), notes
+    documents = int(stats_of(reply).split(" document tokens")[0].split()[-1])
+    assert 2048 // 4 < documents < context_used(reply) <= 2048
+    assert f"{documents} for documents" in meter, meter
+    assert "4817" in answer_of(reply), (answer_of(reply), notes)
 
 
 def test_server_config_is_safe(app_url):

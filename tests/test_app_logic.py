@@ -9,16 +9,17 @@ from types import SimpleNamespace
 import pytest
 
 import app
-from engine.chat.types import ChatImage, ChatTurn, Finished, Plan, Queued, TextDelta, TurnStats
+from engine.chat.types import ChatDocument, ChatImage, ChatTurn, Finished, Plan, Queued, TextDelta, TurnStats
 from engine.sampling_params import SEED_MAX
 
 CHAT_PARAMETERS = ["message", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
                    "system_prompt", "seed", "max_image_tokens"]
 
 
-def _stats(generated=3, reason="stop", image_tokens=30):
+def _stats(generated=3, reason="stop", image_tokens=30, document_tokens=0):
     return TurnStats(prompt_tokens=40, image_tokens=image_tokens, generated_tokens=generated, ttft_s=0.25,
-                     decode_tokens_per_s=12.5, context_used=40 + generated, context_len=2048, finish_reason=reason)
+                     decode_tokens_per_s=12.5, context_used=40 + generated, context_len=2048, finish_reason=reason,
+                     document_tokens=document_tokens)
 
 
 @dataclass
@@ -35,6 +36,7 @@ class ScriptedModel:
     context_len: int = 2048
     capacity: int = 3
     intake_limits: object = field(default_factory=lambda: SimpleNamespace(max_bytes=20 * 2**20, max_pixels=40_000_000))
+    document_limits: object = field(default_factory=lambda: SimpleNamespace(max_bytes=20 * 2**20, max_pages=500))
     planned: list = field(default_factory=list)
     settings: list = field(default_factory=list)
     closed: int = 0
@@ -141,6 +143,42 @@ def test_reply_streams_then_ends_with_stats_and_a_meter_that_shows_image_tokens(
     _system, turns, max_new, cap = model.planned[0]
     assert turns[-1].images == (ChatImage(b"x", "cat.png"),) and max_new == 512 and cap is None
     assert model.settings[0].seed == 3 and model.settings[0].temperature == 0
+
+
+def test_documents_and_images_are_told_apart_by_content_or_name(tmp_path):
+    files = {"report.pdf": b"%PDF-1.7 ...", "notes.md": b"# Notes", "scan.png": b"%PDF-1.4 a pdf named .png",
+             "cat.png": b"png-bytes"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    message = {"text": "Compare them.", "files": [str(tmp_path / name) for name in files]}
+    (turn,) = app.history_to_turns([], message, [])
+    assert turn.images == (ChatImage(b"png-bytes", "cat.png"),)
+    assert turn.documents == (ChatDocument(b"%PDF-1.7 ...", "report.pdf"), ChatDocument(b"# Notes", "notes.md"),
+                              ChatDocument(b"%PDF-1.4 a pdf named .png", "scan.png"))
+
+
+def test_a_document_alone_is_sent_and_the_meter_counts_its_tokens(respond, model, tmp_path):
+    doc = tmp_path / "notes.txt"
+    doc.write_bytes(b"The secret code is 4817.")
+    model.events = [TextDelta("4817."), Finished(_stats(image_tokens=0, document_tokens=25))]
+    final, meter = _run(respond, {"text": "", "files": [str(doc)]})[-1]
+    assert _answer(final) == "4817."
+    assert "no images · 25 for documents" in meter
+    assert any(t.startswith("📊 0 image tokens · 25 document tokens · 40 prompt tokens") for t in _titles(final))
+    assert model.planned[0][1][-1].documents == (ChatDocument(b"The secret code is 4817.", "notes.txt"),)
+
+
+def test_the_upload_takes_documents_and_the_long_document_preset_sets_two_sliders(model):
+    demo = app.build_demo(model)
+    (box,) = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "chat-input"]
+    assert {".txt", ".md", ".pdf"} <= set(box.file_types) and "image" in box.file_types
+    (menu,) = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "preset"]
+    assert menu.value == "Chat"
+    (change,) = [fn for fn in demo.fns.values() if fn.fn is app.preset_values]
+    assert [t.elem_id for t in change.outputs] == ["setting-temperature", "setting-repetition_penalty"]
+    assert app.preset_values("Long document") == (0.05, 1.02)
+    assert app.preset_values("Chat") == (app.CHAT_DEFAULTS.temperature, app.CHAT_DEFAULTS.repetition_penalty)
+    assert "documents (up to 20 MB and 500 pages" in app.header_markdown(model)
 
 
 def test_meter_says_when_no_images_are_in_context(respond, model):

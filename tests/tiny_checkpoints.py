@@ -74,14 +74,15 @@ def make_tiny_lm(folder: Path, max_positions: int = 256):
     return TextConfig.from_dict(ck.config), ck.parts(TEXT_PREFIXES)["text"], tok
 
 
-def make_tiny_llava(folder: Path, family: str, seed: int = 0) -> Path:
-    """family: "llama-clip" or "qwen2-siglip". Returns the checkpoint folder."""
+def make_tiny_llava(folder: Path, family: str, seed: int = 0, context: int = 512) -> Path:
+    """family: "llama-clip" or "qwen2-siglip"; `context`: the LM's max_position_embeddings. Returns the checkpoint
+    folder."""
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaProcessor, SiglipImageProcessor, SiglipVisionConfig)
 
     chatml = family == "qwen2-siglip"
     tokenizer = build_tokenizer(chatml)
-    text = _text_config("qwen2" if chatml else "llama", tokenizer, 512)
+    text = _text_config("qwen2" if chatml else "llama", tokenizer, context)
     if chatml:
         vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                                     image_size=24, patch_size=6)

@@ -1,6 +1,7 @@
 """The chat-facing model: plan a reply within the context, then stream it. What app.py and the CLI talk to.
 
-`plan()` runs on the caller's thread and does no model work: it decodes and checks the uploads (vision.intake),
+`plan()` runs on the caller's thread and does no model work: it decodes and checks the uploads (vision.intake for
+images, documents.intake for TXT, Markdown and PDF files, whose text joins the user's message),
 asks the family what each image costs in each reading (for the conversation's images together: LLaVA-OneVision
 reads an image differently when there are several), and fits the conversation (engine.chat.budget). It never
 raises for user input: unreadable images become notices, a message that cannot be answered becomes `Plan.error`.
@@ -11,15 +12,17 @@ stream aborts the request in the engine. `astream()` is the same for asyncio cal
 without `Queued`.
 
 `plan(..., fit=False)` is the strict mode of the HTTP API and the pipeline, which must never change what they were
-sent: any unreadable image, or a prompt and reply that do not fit, is `Plan.error` (with `error_code`, and the
-numbers) instead of a notice.
+sent: any unreadable image or document, or a prompt and reply that do not fit, is `Plan.error` (with `error_code`,
+and the numbers) instead of a notice.
 """
 from __future__ import annotations
 
 from typing import AsyncIterator, Iterator
 
+from documents.intake import DocumentError, DocumentLimits
 from engine.chat.budget import FitImage, Item, measure
 from engine.chat.budget import fit as _fit  # `fit` is also plan()'s switch
+from engine.chat.document_fit import DocumentShelf, FitDocument
 from engine.chat.types import ChatTurn, Finished, GenerationSettings, Plan, Queued, TextDelta, TurnStats
 from engine.families import load_model
 from engine.families.base import LoadedModel
@@ -48,10 +51,12 @@ ERRORS = {
 
 
 class ChatModel:
-    def __init__(self, loaded: LoadedModel, intake_limits: IntakeLimits = IntakeLimits()):
+    def __init__(self, loaded: LoadedModel, intake_limits: IntakeLimits = IntakeLimits(),
+                 document_limits: DocumentLimits = DocumentLimits()):
         self.loaded = loaded
         self.name, self.description = loaded.name, loaded.description
-        self.intake_limits = intake_limits
+        self.intake_limits, self.document_limits = intake_limits, document_limits
+        self.documents = DocumentShelf()
         self.server = EngineServer(loaded.engine)
 
     @classmethod
@@ -90,7 +95,8 @@ class ChatModel:
 
     def _items(self, turns: list[ChatTurn], notices: list[str], max_image_tokens: int | None,
                strict: bool = False) -> list[Item]:
-        """Decoded turns; an image that cannot be used is a notice, or, with `strict`, an ImageError."""
+        """Decoded turns; an image or document that cannot be used is a notice, or, with `strict`, an ImageError
+        or DocumentError."""
         items = []
         for index, turn in enumerate(turns):
             newest = index == len(turns) - 1
@@ -109,7 +115,9 @@ class ChatModel:
                         raise
                     if newest:  # older ones were reported when they were sent
                         notices.append(f"{exc} It was left out.")
-            items.append(Item(turn.role, turn.text, decoded))
+            documents = read_documents(turn, self.documents, self.document_limits, notices if newest else [],
+                                       strict)
+            items.append(Item(turn.role, turn.text, decoded, documents))
         if self.sees_images:
             self._read([im for it in items for im in it.images], max_image_tokens)
         return items
@@ -129,6 +137,8 @@ class ChatModel:
             items = self._items(turns, notices, max_image_tokens, strict=not fit)
         except ImageError as exc:
             return _refuse(plan, str(exc), ErrorCode.BAD_IMAGE)
+        except DocumentError as exc:
+            return _refuse(plan, str(exc), ErrorCode.BAD_DOCUMENT)
         if refuse_unanswerable(plan, turns, items):
             return plan
         if fit:
@@ -140,10 +150,12 @@ class ChatModel:
             if fitted.prompt is not None:  # the numbers of a strict refusal
                 plan.prompt_tokens, plan.max_new_tokens = len(fitted.prompt.ids), fitted.max_new_tokens
                 plan.image_tokens = sum(fitted.prompt.image_lengths)
+                plan.document_tokens = fitted.document_tokens
             return _refuse(plan, fitted.error, ErrorCode.CONTEXT_EXCEEDED)
         images = [ImageInput(im.picture, im.digest, im.reading, im.name) for it in fitted.items for im in it.images]
         plan.prompt_tokens = len(fitted.prompt.ids)
         plan.image_tokens = sum(fitted.prompt.image_lengths)
+        plan.document_tokens = fitted.document_tokens
         plan.max_new_tokens = fitted.max_new_tokens
         plan.prepared = (fitted.prompt.ids, self._spans(fitted.prompt, images))
         return plan
@@ -241,7 +253,7 @@ class ChatModel:
         return TurnStats(prompt_tokens=plan.prompt_tokens, image_tokens=plan.image_tokens,
                          generated_tokens=generated, ttft_s=ttft, decode_tokens_per_s=tps,
                          context_used=plan.prompt_tokens + generated, context_len=plan.context_len,
-                         finish_reason=reason, error_code=code)
+                         finish_reason=reason, error_code=code, document_tokens=plan.document_tokens)
 
     @staticmethod
     def _message(stats: TurnStats, text: str) -> str | None:
@@ -256,17 +268,42 @@ class ChatModel:
         return None
 
 
+def read_documents(turn: ChatTurn, shelf: DocumentShelf, limits: DocumentLimits, notices: list[str],
+                   strict: bool) -> list[FitDocument]:
+    """A turn's documents, read (documents.intake, through `shelf`); one that cannot be used is a notice (or, with
+    `strict`, a DocumentError), and so is anything the reader should know about one (how it was decoded)."""
+    out = []
+    for upload in turn.documents:
+        try:
+            doc = shelf.get(upload.data, upload.name, limits)
+        except DocumentError as exc:
+            if strict:
+                raise
+            notices.append(f"{exc} It was left out.")
+            continue
+        if doc.note:
+            notices.append(doc.note)
+        out.append(doc)
+    return out
+
+
 def refuse_unanswerable(plan: Plan, turns: list[ChatTurn], items: list[Item]) -> bool:
     """The checks of every chat model before fitting (also engine.chat.remote's): sets `plan.error` and returns
     True when the newest message cannot be sent."""
-    if turns[-1].images and not items[-1].images:
+    if turns[-1].documents and not items[-1].documents:
+        # As with images: an answer to the text alone would read as if the document had been read.
+        notices = plan.notices
+        _refuse(plan, "None of the documents in this message could be read, so it was not sent to the model. "
+                + (notices.pop() if len(turns[-1].documents) == 1 and notices else "See the notes above."),
+                ErrorCode.BAD_DOCUMENT)
+    elif turns[-1].images and not items[-1].images:
         # Answering the text alone would read as if the pictures had been seen.
         notices = plan.notices
         _refuse(plan, "None of the images in this message could be used, so it was not sent to the model. "
                 + (notices.pop() if len(turns[-1].images) == 1 and notices else "See the notes above."),
                 ErrorCode.BAD_IMAGE)
-    elif not items[-1].text.strip() and not items[-1].images:
-        _refuse(plan, "Please type a message or add an image.", ErrorCode.INVALID_PARAMETER)
+    elif not items[-1].text.strip() and not items[-1].images and not items[-1].documents:
+        _refuse(plan, "Please type a message or add an image or a document.", ErrorCode.INVALID_PARAMETER)
     return plan.error is not None
 
 

@@ -1,6 +1,8 @@
 """A chat model that answers through any OpenAI-compatible server: ours (`python -m api`), vLLM, SGLang, LMDeploy,
 or replicas behind a router. Same interface as `ChatModel` for the UI (`plan`, `stream`, `name`, `description`,
-`context_len`, `capacity`, `intake_limits`, `sees_images`, `close`), so app.py runs on it unchanged.
+`context_len`, `capacity`, `intake_limits`, `document_limits`, `sees_images`, `close`), so app.py runs on it
+unchanged. Documents are read here (documents.intake) and sent as text in the user's message, wrapped as for a
+local model (engine.chat.document_fit), trimmed to fit when the tokenizer is available.
 
 `plan()` decodes and checks the images here (vision.intake, the same limits and messages as a local model) and
 fits the conversation to the context exactly when the model's own tokenizer and processor can be loaded locally
@@ -22,8 +24,10 @@ from typing import Iterator
 import httpx
 from PIL import Image
 
+from documents.intake import DocumentLimits
 from engine.chat.budget import FitImage, Item, fit
-from engine.chat.chat_model import ChatModel, refuse_unanswerable
+from engine.chat.chat_model import ChatModel, read_documents, refuse_unanswerable
+from engine.chat.document_fit import DocumentShelf, with_documents
 from engine.chat.remote_tokens import LocalCounter
 from engine.chat.types import ChatTurn, Finished, GenerationSettings, Plan, TextDelta, TurnStats
 from engine.paging.sequence import ErrorCode
@@ -44,7 +48,8 @@ def api_base(url: str) -> str:
 
 class RemoteChatModel:
     def __init__(self, url: str, api_key: str | None = None, model: str | None = None,
-                 tokenizer: str | None = None, intake_limits: IntakeLimits = IntakeLimits(), capacity: int = 64):
+                 tokenizer: str | None = None, intake_limits: IntakeLimits = IntakeLimits(), capacity: int = 64,
+                 document_limits: DocumentLimits = DocumentLimits()):
         self.base = api_base(url)
         self.host = urllib.parse.urlsplit(self.base).netloc
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -57,7 +62,8 @@ class RemoteChatModel:
             raise
         self.counter = LocalCounter.load(tokenizer or self.model)
         self.context_len = served_len or (self.counter.context_len if self.counter else 0)
-        self.intake_limits, self.capacity = intake_limits, capacity
+        self.intake_limits, self.capacity, self.document_limits = intake_limits, capacity, document_limits
+        self.documents = DocumentShelf()
         self.name = f"{self.model} (at {self.host})"
         counting = ("Prompts are counted here with the model's own tokenizer and processor." if self.counter else
                     "Its tokenizer is not available here, so the server counts the tokens and says when a "
@@ -112,7 +118,8 @@ class RemoteChatModel:
             items, plan.max_new_tokens = fitted.items, fitted.max_new_tokens
             plan.prompt_tokens = len(fitted.prompt.ids)
             plan.image_tokens = sum(fitted.prompt.image_lengths)
-        plan.prepared = _messages(system, items)
+            plan.document_tokens = fitted.document_tokens
+        plan.prepared = _messages(system, items, self.counter.builder.tokenizer if self.counter else None)
         return plan
 
     def _items(self, turns: list[ChatTurn], notices: list[str]) -> list[Item]:
@@ -129,7 +136,9 @@ class RemoteChatModel:
                 readings = self.counter.readings(picture) if self.counter else []
                 # `picture` keeps the bytes as sent: they go to the server as they are (a data URI)
                 images.append(FitImage(image.name, image_digest(image.data), image, readings))
-            items.append(Item(turn.role, turn.text, images))
+            documents = read_documents(turn, self.documents, self.document_limits,
+                                       notices if index == len(turns) - 1 else [], False)
+            items.append(Item(turn.role, turn.text, images, documents))
         return items
 
     # -- stream -----------------------------------------------------------------------------------------------
@@ -202,7 +211,8 @@ class RemoteChatModel:
         prompt = plan.prompt_tokens if prompt_tokens is None else prompt_tokens
         return TurnStats(prompt_tokens=prompt, image_tokens=plan.image_tokens, generated_tokens=generated,
                          ttft_s=ttft, decode_tokens_per_s=tps, context_used=prompt + generated,
-                         context_len=self.context_len, finish_reason=reason, error_code=code)
+                         context_len=self.context_len, finish_reason=reason, error_code=code,
+                         document_tokens=plan.document_tokens)
 
     def _http_refusal(self, plan: Plan, response: httpx.Response) -> Finished:
         try:
@@ -244,16 +254,17 @@ def _sse_chunks(response: httpx.Response) -> Iterator[dict]:
             yield chunk
 
 
-def _messages(system: str, items: list[Item]) -> list[dict]:
-    """OpenAI messages; each image as a data URI of the bytes the user sent (servers key caches by content)."""
+def _messages(system: str, items: list[Item], tokenizer) -> list[dict]:
+    """OpenAI messages; each image as a data URI of the bytes the user sent (servers key caches by content), each
+    document as text in front of the message's (`tokenizer` decodes a trimmed one's kept tokens)."""
     messages = [{"role": "system", "content": system}] if system.strip() else []
     for item in items:
+        text = with_documents(item.documents, item.text, tokenizer)
         if item.role == "assistant" or not item.images:
-            messages.append({"role": item.role, "content": item.text})
+            messages.append({"role": item.role, "content": text})
             continue
         parts = [{"type": "image_url", "image_url": {"url": _data_uri(im.picture.data)}} for im in item.images]
-        messages.append({"role": "user", "content": parts + ([{"type": "text", "text": item.text}] if item.text
-                                                             else [])})
+        messages.append({"role": "user", "content": parts + ([{"type": "text", "text": text}] if text else [])})
     return messages
 
 

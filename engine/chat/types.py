@@ -6,7 +6,7 @@ and settings and yields the events.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine.sampling_params import InvalidParameter, SamplingParams
 
@@ -20,10 +20,20 @@ class ChatImage:
 
 
 @dataclass(frozen=True)
+class ChatDocument:
+    """A TXT, Markdown or PDF file as the user sent it: the raw bytes, read (safely, documents.intake) only when
+    the model needs it."""
+
+    data: bytes
+    name: str = "document"
+
+
+@dataclass(frozen=True)
 class ChatTurn:
     role: str  # "user" or "assistant"
     text: str = ""
     images: tuple[ChatImage, ...] = ()
+    documents: tuple[ChatDocument, ...] = ()
 
     def __post_init__(self):
         if self.role not in ("user", "assistant"):
@@ -61,6 +71,10 @@ class GenerationSettings:
 
 # The one home of generation defaults: the chat UI's sliders and handler, and the command line's flags.
 CHAT_DEFAULTS = GenerationSettings()
+# Answering from a long document: near-greedy, a light repetition penalty (a document's own words must be quotable).
+# The numbers InternLM2.5-7B-Chat-1M's guide recommends for chatting over an uploaded PDF, TXT or Markdown file.
+LONG_DOCUMENT = replace(CHAT_DEFAULTS, temperature=0.05, repetition_penalty=1.02)
+PRESETS = {"Chat": CHAT_DEFAULTS, "Long document": LONG_DOCUMENT}  # the UI's preset menu
 CLI_DEFAULTS = GenerationSettings(max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0)
 
 
@@ -68,8 +82,9 @@ CLI_DEFAULTS = GenerationSettings(max_new_tokens=256, temperature=0.0, top_p=1.0
 class Plan:
     """What will be sent to the model for one reply, decided before anything runs.
 
-    `turns` is the conversation after fitting (images downscaled or dropped, old turns dropped); `notices` tells
-    the user, in plain words, every change made to fit and every image that could not be used. `error` is set when
+    `turns` is the conversation as sent; `notices` tells the user, in plain words, every change made to fit it
+    (images downscaled or dropped, documents trimmed, old turns dropped) and every image or document that could
+    not be used. `error` is set when
     nothing can be run at all (then the UI shows it instead of a reply), and `error_code` says which kind it is
     ("bad_image", "context_exceeded", "invalid_parameter": engine.paging.sequence.ErrorCode's values).
     """
@@ -78,6 +93,7 @@ class Plan:
     system: str
     prompt_tokens: int = 0
     image_tokens: int = 0
+    document_tokens: int = 0
     max_new_tokens: int = 0
     context_len: int = 0
     notices: list[str] = field(default_factory=list)
@@ -109,6 +125,7 @@ class TurnStats:
     context_len: int
     finish_reason: str  # "stop", "length", "context", "abort", "error"
     error_code: str | None = None  # with "error": "context_exceeded", "bad_image", "invalid_parameter", "engine"
+    document_tokens: int = 0  # the part of prompt_tokens that the documents' text takes
 
 
 @dataclass(frozen=True)

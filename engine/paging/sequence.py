@@ -33,6 +33,7 @@ class ErrorCode(str, Enum):
 
     CONTEXT_EXCEEDED = "context_exceeded"  # the prompt alone cannot fit the context
     BAD_IMAGE = "bad_image"  # an image could not be encoded
+    BAD_DOCUMENT = "bad_document"  # a document could not be read (refused when planning; the engine never sees one)
     INVALID_PARAMETER = "invalid_parameter"  # a sampling parameter out of range
     ENGINE = "engine"  # a step failed and this request was in it
 

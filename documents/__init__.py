@@ -1,0 +1,1 @@
+"""Document intake (TXT, Markdown, PDF text layer): untrusted upload bytes -> page texts, or a plain-word error."""
