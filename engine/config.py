@@ -73,7 +73,8 @@ class RopeConfig:
 class TextConfig:
     """A decoder-only language model (Llama / Qwen2 / Mistral), from a config.json or a llava `text_config`.
 
-    `max_position_embeddings` is the longest context served. A model that attends through a sliding window
+    `max_position_embeddings` is the trained length, the default session length (EngineConfig.max_model_len may
+    ask for more; rope scaling, `rope`, is what makes more work). A model that attends through a sliding window
     (Mistral's `sliding_window`; Qwen2's when `use_sliding_window`) gets it capped at the window: our attention is
     full causal, which equals sliding-window attention exactly as long as no sequence is longer than the window.
     llava-v1.6-mistral's window is null, so nothing is capped there.

@@ -193,3 +193,16 @@ def test_session_past_the_trained_length_without_scaling_warns_once(checkpoints,
         assert engine_for(checkpoints["default"], max_model_len=200).max_model_len == 200
         assert engine_for(checkpoints["dynamic"], max_model_len=200).max_model_len == 200
     assert len([r for r in caplog.records if "rope scaling" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize("length", [400, 1000, 4097])
+def test_passkey_prompt_fills_to_the_length_with_the_key_at_its_depth(length):
+    from bench.passkey import FILLER, passkey_prompt
+
+    encode = lambda text: list(text.encode())  # noqa: E731 - one id per byte: lengths are exact
+    for depth in (0.0, 0.5, 1.0):
+        text = bytes(passkey_prompt(encode, length, 31337, depth)).decode()
+        assert length - len(FILLER) < len(text) <= length
+        assert text.endswith("What is the pass key? The pass key is") and text.count("31337") == 2
+        before = text[:text.index(" The pass key is 31337")].count(FILLER)
+        assert before == round(text.count(FILLER) * depth)
