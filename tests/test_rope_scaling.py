@@ -51,9 +51,9 @@ def prompt(n: int, seed: int = 1) -> list[int]:
     return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def engine_for(folder, **kw) -> LLMEngine:
+def engine_for(folder, device: str = "cpu", **kw) -> LLMEngine:
     ck = Checkpoint.load(folder)
-    cfg = EngineConfig(device="cpu", dtype="float32", max_model_len=kw.pop("max_model_len", 256), max_num_seqs=4,
+    cfg = EngineConfig(device=device, dtype="float32", max_model_len=kw.pop("max_model_len", 256), max_num_seqs=4,
                        **kw)
     return LLMEngine(TextConfig.from_dict(ck.config), ck.parts(TEXT_PREFIXES)["text"], None, cfg)
 
@@ -193,6 +193,19 @@ def test_session_past_the_trained_length_without_scaling_warns_once(checkpoints,
         assert engine_for(checkpoints["default"], max_model_len=200).max_model_len == 200
         assert engine_for(checkpoints["dynamic"], max_model_len=200).max_model_len == 200
     assert len([r for r in caplog.records if "rope scaling" in r.getMessage()]) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("overlap", [False, True])
+def test_dynamic_ntk_under_cuda_graphs_equals_transformers(checkpoints, overlap):
+    """On CUDA: decode and small prefills replay CUDA graphs that read each step's rotary rows from the table's step
+    rows; a 100-token and a 40-token prompt decoded together, over 16-token steps, each as transformers alone."""
+    folder = checkpoints["dynamic"]
+    prompts = [prompt(100, seed=12), prompt(40, seed=11)]
+    engine = engine_for(folder, "cuda", max_num_batched_tokens=16, overlap_decode=overlap)
+    assert engine.runner.graphs is not None and engine.runner.prefill_graphs is not None
+    for ids, out in zip(prompts, engine.generate(prompts, GREEDY)):
+        assert_same(out.token_ids, hf_greedy(folder, ids))
 
 
 @pytest.mark.parametrize("length", [400, 1000, 4097])

@@ -1,9 +1,9 @@
 """Paged KV-cache bookkeeping: which physical block holds which part of which sequence, with prefix caching.
 
 Pure Python. A full block is keyed by a chained hash of (previous block's key, its token ids, the images it
-covers, and under dynamic NTK the lengths its keys were rotated for: `_rope_key`); a later sequence with the same prefix (a retry, a follow-up turn, the same system prompt) reuses those
-blocks instead of recomputing them. Freed blocks keep their key until they are handed out again, so a prefix
-survives the request that made it. Tensors live in engine/kv_cache.py; this file never sees them.
+covers, the length its keys were rotated for where dynamic NTK makes that matter: `_rope_key`); a later sequence
+with the same prefix (a retry, a follow-up turn, the same system prompt) reuses those blocks instead of recomputing
+them. Freed blocks keep their key until they are handed out again, so a prefix survives the request that made it. Tensors live in engine/kv_cache.py; this file never sees them.
 """
 from __future__ import annotations
 
@@ -47,11 +47,11 @@ class BlockManager:
                      self._rope_key(seq, i)))
 
     def _rope_key(self, seq: Sequence, i: int) -> int | None:
-        """What decides the rotation of block i's keys besides their positions: None where every one used the
-        trained base; under dynamic NTK past the trained length, the prefill length (tokens before it were rotated
-        for that length, the rest each for its position + 1; all prefill lengths up to the block's first position + 1
-        leave the block's tokens decoded, so they count as one), so a block is shared only with a sequence that
-        rotated it the same way (a retry of the same prompt, not a longer follow-up)."""
+        """What besides positions decides how block i's keys were rotated: None where every token used the trained
+        base (its `Sequence.rope_len` within the trained length); else the prefill length, raised to the block's
+        first position + 1 (below that, every token of the block was decoded, each rotated for its own position + 1,
+        whatever the prefill length). So past the trained length a block is shared only with a sequence that rotated
+        it the same way: a retry of the same prompt, not a longer follow-up."""
         lo, hi = i * self.block_size, (i + 1) * self.block_size
         if self.dynamic_rope_from is None or seq.rope_len(hi - 1) <= self.dynamic_rope_from:
             return None
