@@ -82,6 +82,8 @@ def arch_engine(args, session_len: int) -> LLMEngine:
         state = AutoModelForCausalLM.from_config(text).to(getattr(torch, dtype)).state_dict()
     cfg = EngineConfig(device=device, dtype=dtype, max_model_len=session_len, max_num_seqs=1,
                        rope_scaling_factor=args.rope_scaling_factor, enable_prefix_caching=False, **budget(args))
+    if text.tie_word_embeddings:  # the engine ties the head itself
+        state.pop("lm_head.weight", None)
     d = text.to_dict()
     return LLMEngine(TextConfig.from_dict(d, MODELS[d["model_type"]][1]), state, None, cfg)
 
