@@ -219,3 +219,28 @@ def test_passkey_prompt_fills_to_the_length_with_the_key_at_its_depth(length):
         assert text.endswith("What is the pass key? The pass key is") and text.count("31337") == 2
         before = text[:text.index(" The pass key is 31337")].count(FILLER)
         assert before == round(text.count(FILLER) * depth)
+
+
+def test_block_keys_carry_the_dynamic_rotation_length():
+    """Bookkeeping alone (no model): trained length 8, blocks of 4. Blocks rotated with the trained base are shared
+    by any prompt; blocks of a 12-token prompt (base of length 12) only by another 12-token prompt."""
+    from engine.paging.block_manager import BlockManager
+    from engine.paging.sequence import Sequence
+
+    bm = BlockManager(64, 4, dynamic_rope_from=8)
+
+    def admit(ids):
+        seq = Sequence(ids, SamplingParams())
+        bm.allocate(seq)
+        cached = seq.num_cached_tokens
+        bm.register_full_blocks(seq, 0, len(seq))
+        return cached
+
+    long = list(range(100, 112))
+    assert admit(long) == 0
+    assert admit(long) == 11  # a retry: all three blocks, the last token recomputed
+    assert admit(long + [7, 7, 7, 7]) == 0  # 16 tokens: another base for every key
+    short = list(range(200, 207))
+    assert admit(short) == 0
+    assert admit(short[:4] + [1, 2, 3]) == 4  # both within the trained length: the trained base
+    assert admit(short[:4] + list(range(20))) == 0  # a 24-token prompt rotates its first block differently
