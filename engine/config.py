@@ -8,34 +8,64 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
 @dataclass(frozen=True)
 class RopeConfig:
+    """A checkpoint's rotary embedding, with transformers' meaning for every field (modeling_rope_utils.py).
+
+    `max_position_embeddings` is the config's own (before any sliding-window cap): dynamic NTK measures a sequence
+    against it. `original_max_position_embeddings` is the pre-scaling length llama3 and YaRN read. YaRN's optional
+    fields stay None when the checkpoint leaves them out, as transformers then derives them.
+    """
+
     theta: float = 10000.0
-    kind: str = "default"  # "default", "linear", "llama3"
+    kind: str = "default"  # one of ROPE_TYPES
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    max_position_embeddings: int = 8192
+    beta_fast: float | None = None  # YaRN from here on
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
 
     def __post_init__(self):
-        if self.kind not in ("default", "linear", "llama3"):
-            raise ValueError(f"unsupported rope type {self.kind!r} (supported: default, linear, llama3)")
+        if self.kind not in ROPE_TYPES:
+            raise ValueError(f"unsupported rope type {self.kind!r} (supported: {', '.join(ROPE_TYPES)})")
+
+    @property
+    def dynamic_from(self) -> int | None:
+        """Dynamic NTK: sequences longer than this get a base of their own; None for the static types."""
+        return self.max_position_embeddings if self.kind == "dynamic" else None
 
     @classmethod
     def from_dict(cls, d: dict) -> "RopeConfig":
-        # transformers 5 writes `rope_parameters`; older configs write `rope_theta` + `rope_scaling`.
+        # transformers 5 writes `rope_parameters`; older configs write `rope_theta` + `rope_scaling` (with "type").
         params = dict(d.get("rope_parameters") or {})
         scaling = d.get("rope_scaling") or {}
         theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
         merged = {**scaling, **params}
         kind = merged.get("rope_type", merged.get("type", "default")) or "default"
+        context = int(d.get("max_position_embeddings", 4096))
+        # transformers' standardize_rope_params: a top-level value wins (Phi3), else the scaling dict's, else context
+        original = int(d.get("original_max_position_embeddings") or merged.get("original_max_position_embeddings")
+                       or context)
+        factor = merged.get("factor")
+        if factor is None:  # YaRN without a factor: the ratio of the lengths (transformers, DeepSeek-V3)
+            factor = context / original if kind == "yarn" else 1.0
+        optional = {k: merged.get(k) for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                                               "attention_factor")}
         return cls(
-            theta=float(theta),
-            kind=kind,
-            factor=float(merged.get("factor", 1.0)),
+            theta=float(theta), kind=kind, factor=float(factor),
             low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
             high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(merged.get("original_max_position_embeddings", 8192)),
+            original_max_position_embeddings=original, max_position_embeddings=context,
+            truncate=bool(merged.get("truncate", True)), **optional,
         )
 
 
@@ -43,7 +73,8 @@ class RopeConfig:
 class TextConfig:
     """A decoder-only language model (Llama / Qwen2 / Mistral), from a config.json or a llava `text_config`.
 
-    `max_position_embeddings` is the longest context served. A model that attends through a sliding window
+    `max_position_embeddings` is the trained length, the default session length (EngineConfig.max_model_len may
+    ask for more; rope scaling, `rope`, is what makes more work). A model that attends through a sliding window
     (Mistral's `sliding_window`; Qwen2's when `use_sliding_window`) gets it capped at the window: our attention is
     full causal, which equals sliding-window attention exactly as long as no sequence is longer than the window.
     llava-v1.6-mistral's window is null, so nothing is capped there.

@@ -21,13 +21,14 @@ goes on as without overlap; a step with prompt chunks is resolved at once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 
 import torch
 
 from engine.image_inputs import ImageInputs
 from engine.paging.block_manager import BlockManager
-from engine.config import EngineConfig, TextConfig
+from engine.config import EngineConfig, RopeConfig, TextConfig
 from engine.detokenizer import IncrementalDetokenizer, NoDetokenizer
 from engine.runtime.kv_cache import count_blocks
 from engine.checkpoints.loader import build_text_model
@@ -41,6 +42,8 @@ from engine.vision_stage import VisionStage
 from kernels import HAS_TRITON, load_cpu_ops, load_ops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+log = logging.getLogger(__name__)
 
 
 # A request that was in this many failed steps is failed itself (engine.llm_engine.LLMEngine.recover).
@@ -63,6 +66,25 @@ class Completion:
     finish_reason: FinishReason
 
 
+def serving_rope(text_cfg: TextConfig, cfg: EngineConfig) -> RopeConfig:
+    """The checkpoint's rope, or dynamic NTK with `cfg.rope_scaling_factor` in its place (LMDeploy's override;
+    transformers' {"rope_type": "dynamic", "factor": F} on the same config)."""
+    if cfg.rope_scaling_factor is None:
+        return text_cfg.rope
+    return replace(text_cfg.rope, kind="dynamic", factor=float(cfg.rope_scaling_factor))
+
+
+def session_len(text_cfg: TextConfig, cfg: EngineConfig, rope: RopeConfig) -> int:
+    """The longest sequence served: `cfg.max_model_len` (LMDeploy's session_len) or the trained length. Longer than
+    the trained length is allowed; without rope scaling that is extrapolation, so it is said once in the log."""
+    trained = text_cfg.max_position_embeddings
+    length = cfg.max_model_len or trained
+    if length > trained and rope.kind == "default":
+        log.warning("session length %d exceeds the trained length %d without rope scaling: quality past %d tokens "
+                    "needs --rope-scaling-factor or a checkpoint with rope scaling", length, trained, trained)
+    return length
+
+
 class LLMEngine:
     def __init__(self, text_cfg: TextConfig, weights: dict[str, torch.Tensor], tokenizer, cfg: EngineConfig,
                  eos_token_ids: tuple[int, ...] = ()):
@@ -78,14 +100,14 @@ class LLMEngine:
             place_for_cpu(self.model, self.dtype, weights.get(TIED_HEAD) if text_cfg.tie_word_embeddings else None)
         if cfg.decode_weight_dtype is not None:
             add_lowp_copies(self.model, DTYPES[cfg.decode_weight_dtype])
-        self.max_model_len = min(cfg.max_model_len or text_cfg.max_position_embeddings,
-                                 text_cfg.max_position_embeddings)
+        self.rope = serving_rope(text_cfg, cfg)
+        self.max_model_len = session_len(text_cfg, cfg, self.rope)
         num_blocks = count_blocks(text_cfg, cfg, self.dtype, self.device, self.max_model_len)
-        self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching, self.rope.dynamic_from)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len)
         # CUDA graphs need the Triton kernels: the torch twins read lengths on the host.
         self.runner = ModelRunner(self.model, cfg, self.blocks, self.max_model_len, self.dtype, self.device,
-                                  cuda_graphs=cfg.cuda_graphs and use_triton)
+                                  cuda_graphs=cfg.cuda_graphs and use_triton, rope=self.rope)
         self.eos_token_ids = frozenset(eos_token_ids or text_cfg.eos_token_ids)
         self.detokenizers: dict[int, IncrementalDetokenizer | NoDetokenizer] = {}
         self.inflight: LaunchedStep | None = None  # a decode step launched and not yet resolved (overlap only)

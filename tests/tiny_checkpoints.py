@@ -74,6 +74,19 @@ def make_tiny_lm(folder: Path, max_positions: int = 256):
     return TextConfig.from_dict(ck.config), ck.parts(TEXT_PREFIXES)["text"], tok
 
 
+def make_tiny_rope_lm(folder: Path, rope_parameters: dict, context: int = 64, seed: int = 0) -> Path:
+    """A 2-layer random Llama of `context` trained positions with the given `rope_parameters` (transformers 5's
+    spelling; save_pretrained writes it so), 256 token ids, no tokenizer and no EOS: for parity past that length."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+                      rope_parameters=dict(rope_parameters), bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    model = _random_model(LlamaForCausalLM, cfg, seed)
+    model.save_pretrained(folder)
+    return folder
+
+
 def make_tiny_llava(folder: Path, family: str, seed: int = 0, context: int = 512) -> Path:
     """family: "llama-clip" or "qwen2-siglip"; `context`: the LM's max_position_embeddings. Returns the checkpoint
     folder."""

@@ -1,9 +1,9 @@
 """Paged KV-cache bookkeeping: which physical block holds which part of which sequence, with prefix caching.
 
 Pure Python. A full block is keyed by a chained hash of (previous block's key, its token ids, the images it
-covers); a later sequence with the same prefix (a retry, a follow-up turn, the same system prompt) reuses those
-blocks instead of recomputing them. Freed blocks keep their key until they are handed out again, so a prefix
-survives the request that made it. Tensors live in engine/kv_cache.py; this file never sees them.
+covers, the length its keys were rotated for where dynamic NTK makes that matter: `_rope_key`); a later sequence
+with the same prefix (a retry, a follow-up turn, the same system prompt) reuses those blocks instead of recomputing
+them. Freed blocks keep their key until they are handed out again, so a prefix survives the request that made it. Tensors live in engine/kv_cache.py; this file never sees them.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 dynamic_rope_from: int | None = None):
         if num_blocks < 1:
             raise ValueError("the KV cache needs at least one block")
         self.block_size = block_size
@@ -31,6 +32,7 @@ class BlockManager:
         self.free_ids: deque[int] = deque(range(num_blocks))
         self.key_to_block: dict[int, int] = {}
         self.prefix_caching = enable_prefix_caching
+        self.dynamic_rope_from = dynamic_rope_from  # RopeConfig.dynamic_from of the model's rope
 
     @property
     def num_blocks(self) -> int:
@@ -41,7 +43,19 @@ class BlockManager:
         return len(self.free_ids)
 
     def _key(self, seq: Sequence, i: int, prev: int | None) -> int:
-        return hash((prev, tuple(seq.block_tokens(i, self.block_size)), seq.block_extra_key(i, self.block_size)))
+        return hash((prev, tuple(seq.block_tokens(i, self.block_size)), seq.block_extra_key(i, self.block_size),
+                     self._rope_key(seq, i)))
+
+    def _rope_key(self, seq: Sequence, i: int) -> int | None:
+        """What besides positions decides how block i's keys were rotated: None where every token used the trained
+        base (its `Sequence.rope_len` within the trained length); else the prefill length, raised to the block's
+        first position + 1 (below that, every token of the block was decoded, each rotated for its own position + 1,
+        whatever the prefill length). So past the trained length a block is shared only with a sequence that rotated
+        it the same way: a retry of the same prompt, not a longer follow-up."""
+        lo, hi = i * self.block_size, (i + 1) * self.block_size
+        if self.dynamic_rope_from is None or seq.rope_len(hi - 1) <= self.dynamic_rope_from:
+            return None
+        return max(seq.prefill_len, lo + 1)
 
     def _take(self) -> Block:
         block_id = self.free_ids.popleft()
@@ -71,6 +85,7 @@ class BlockManager:
         keys only as the steps that compute them are scheduled (`register_full_blocks`), so a prefix hit never finds
         a block whose KV a later chunk has yet to compute."""
         assert not seq.block_table
+        seq.prefill_len = len(seq)
         prev, hit_run = None, self.prefix_caching and seq.caches_prefix
         for i in range(seq.num_blocks(self.block_size)):
             tokens = seq.block_tokens(i, self.block_size)

@@ -105,6 +105,9 @@ class Sequence:
         # Tokens whose KV is computed by the steps scheduled so far (prefix-cache hits included); the scheduler
         # advances it chunk by chunk while the prompt is prefilled, then one token per decode step.
         self.num_computed_tokens = 0
+        # Tokens the sequence had when its blocks were allocated (its prompt; after a preemption, prompt and reply so
+        # far): one prefill computes them all, so they share one rotary length (`rope_len`).
+        self.prefill_len = 0
         self.finish_reason: FinishReason | None = None
         self.error: EngineError | None = None
         self.suspect = 0  # times this request was in a step that failed (engine.llm_engine: isolation)
@@ -165,6 +168,12 @@ class Sequence:
         """What besides token ids decides block i's KV: the images whose placeholders it covers, with offsets."""
         lo, hi = i * block_size, (i + 1) * block_size
         return tuple((s.offset, s.digest) for s in self.images if s.offset < hi and s.offset + s.length > lo)
+
+    def rope_len(self, position: int) -> int:
+        """The length that sets the rotary base of the token at `position` under dynamic NTK (transformers' max
+        position + 1 of the forward that computes it): the prefill's length for the tokens it computes, position + 1
+        for each token decoded after."""
+        return max(self.prefill_len, position + 1)
 
     def append(self, token_id: int) -> None:
         self.token_ids.append(token_id)

@@ -3,7 +3,8 @@ once, replayed every step.
 
 A decode step is hundreds of small kernel launches; replaying a captured graph removes the launch overhead that
 dominates batch-1 decode. Inputs live in static buffers that each replay reads: token ids, positions, KV slots, block
-tables and sequence lengths. A batch runs in the smallest bucket that holds it; the padding rows get slot -1 (no
+tables and sequence lengths; the rotary rows they read (engine/runtime/rope.py `RotaryTable`) are rewritten in the
+runner's table before each replay. A batch runs in the smallest bucket that holds it; the padding rows get slot -1 (no
 KV write) and length 0 (no attention), so they cost almost nothing and touch nothing. Nothing inside the graph
 synchronises with the host. The input ids may come from the device (the tokens of a step still in flight, when the
 engine launches ahead); then they never visit the host.
@@ -48,7 +49,7 @@ class DecodeGraphs:
         self.buckets = sorted(b for b in batch_sizes if b <= runner.cfg.max_num_seqs) or [1]
         n, dev = self.buckets[-1], runner.device
         self.ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)  # rows of the runner's cos|sin table
         self.slots = torch.full((n,), -1, dtype=torch.int64, device=dev)
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=dev)
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
@@ -79,10 +80,10 @@ class DecodeGraphs:
         bs = next(b for b in self.buckets if b >= n)
         turn, self.turn = self.turn, self.turn ^ 1
         host, tables = self.host_np[turn], self.host_tables_np[turn]
-        positions, slots = self.runner.decode_rows(seqs, ahead)
+        positions, slots, rope_rows = self.runner.decode_rows(seqs, ahead)
         if not ahead:
             host[0, :n] = [s.last_token for s in seqs]
-        host[1, :n] = positions
+        host[1, :n] = rope_rows
         host[2, :n] = slots
         host[3, :n] = [p + 1 for p in positions]
         host[:, n:bs] = 0
@@ -128,7 +129,8 @@ class PrefillGraphs:
         self.embeds = torch.zeros(t, runner.model.config.hidden_size, dtype=runner.dtype, device=dev)
         self.out = torch.zeros(b, runner.model.config.hidden_size, dtype=runner.dtype, device=dev)
         # All integer inputs in two buffers, each filled on the host and sent in one copy:
-        # int64: positions [0, t), KV slots [t, 2t), the rows to return [2t, 2t + b) (at most one per sequence);
+        # int64: cos|sin rows (positions, engine/runtime/rope.py) [0, t), KV slots [t, 2t), the rows to return
+        # [2t, 2t + b) (at most one per sequence);
         # int32: cu_seqlens_q [0, b], seq_lens [b + 1, 2b + 1), then the (b, max_blocks) block tables.
         self.host64 = torch.zeros(2 * t + b, dtype=torch.int64).pin_memory()
         self.host32 = torch.zeros(2 * b + 1 + b * max_blocks, dtype=torch.int32).pin_memory()
@@ -159,7 +161,7 @@ class PrefillGraphs:
         tokens = next(k for k in self.buckets if k >= T)
         self.staged.synchronize()  # at once unless a prefill was launched and never resolved
         h64, h32 = self.np64, self.np32
-        h64[:T] = rows.positions
+        h64[:T] = rows.rope_rows
         h64[T:t] = 0
         h64[t:t + T] = rows.slots
         h64[t + T:2 * t] = -1  # padding rows write no KV

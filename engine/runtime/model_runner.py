@@ -11,6 +11,10 @@ for the smallest batch-size bucket that holds the batch, and prefill one capture
 (engine/cuda_graphs.py; those keep the sampled rows only); batches too large for any, or with scoring rows, run
 eagerly.
 
+Rotary embedding reads one row of the runner's cos|sin table per token (engine/runtime/rope.py `RotaryTable`): the
+`positions` handed to the model are those rows, which equal the positions except for tokens that dynamic NTK rotates
+with a base of their sequence's own length (`Sequence.rope_len`).
+
 `launch` never waits for the device: it returns a `LaunchedStep` whose tokens stay on the device, with a copy on its
 way to pinned host memory. A decode step can take its input ids from a step still in flight (`after`), so the
 engine queues step N+1 before it reads step N's tokens and the GPU never waits for the host's bookkeeping.
@@ -23,10 +27,10 @@ import torch
 
 from engine.models.attention import AttentionMetadata
 from engine.paging.block_manager import BlockManager
-from engine.config import EngineConfig
+from engine.config import EngineConfig, RopeConfig
 from engine.runtime.kv_cache import allocate
 from engine.models.decoder import CausalLM
-from engine.runtime.rope import cos_sin_cache
+from engine.runtime.rope import RotaryTable
 from engine.runtime.sampler import Sampler, to_device
 from engine.runtime.scorer import chunk_nll
 from engine.paging.scheduler import Batch, Chunk
@@ -39,7 +43,8 @@ class PrefillRows:
     its sequence's keys after the step (cached ones included); `sample_rows` are the rows whose logits are sampled
     (the last of each chunk that reaches its sequence's end); `scored` holds each scoring chunk's first row and
     targets (engine/runtime/scorer.py); `splices` say where image features replace placeholder rows: (row, image
-    span, first feature row, count)."""
+    span, first feature row, count); `rope_lens` each row's `Sequence.rope_len` (dynamic NTK only) and `rope_rows`
+    its cos|sin row (`RotaryTable.rows`, set when the step is launched)."""
 
     ids: list[int]
     positions: list[int]
@@ -49,6 +54,8 @@ class PrefillRows:
     sample_rows: list[int]
     splices: list[tuple]
     scored: list[tuple[int, list[int]]]
+    rope_lens: list[int]
+    rope_rows: list[int] | None = None
 
 
 @dataclass
@@ -78,13 +85,16 @@ class LaunchedStep:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, cfg: EngineConfig, blocks: BlockManager, max_model_len: int,
-                 dtype: torch.dtype, device: torch.device, cuda_graphs: bool = False):
+                 dtype: torch.dtype, device: torch.device, cuda_graphs: bool = False, rope: RopeConfig | None = None):
         self.model, self.cfg, self.blocks = model, cfg, blocks
         self.device, self.dtype = device, dtype
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-max_model_len // cfg.block_size)
         text = model.config
-        self.cos_sin = cos_sin_cache(text.rope, text.head_dim, max_model_len, device)
+        # `rope`: the checkpoint's unless the engine overrides it (EngineConfig.rope_scaling_factor). A step computes
+        # at most max_num_batched_tokens tokens, so that many step rows hold any step's dynamic-NTK tokens.
+        self.rope = RotaryTable(rope or text.rope, text.head_dim, max_model_len, cfg.max_num_batched_tokens, device)
+        self.cos_sin = self.rope.table
         self.kv = allocate(text, blocks.num_blocks, cfg.block_size, dtype, device, cfg.kv_cache_dtype == "int8")
         for layer, kv in zip(model.model.layers, self.kv):
             layer.self_attn.attn.bind_cache(*kv)
@@ -119,12 +129,14 @@ class ModelRunner:
 
     def prefill_rows(self, chunks: list[Chunk]) -> PrefillRows:
         """The host side of a prefill batch: every chunk's tokens packed one after another."""
-        rows = PrefillRows([], [], [], [0], [], [], [], [])
+        rows = PrefillRows([], [], [], [0], [], [], [], [], [])
         for c in chunks:
             seq, start, end = c.seq, c.start, c.end
             base = len(rows.ids)
             rows.ids.extend(seq.token_ids[start:end])
             rows.positions.extend(range(start, end))
+            if self.rope.dynamic:
+                rows.rope_lens.extend(seq.rope_len(p) for p in range(start, end))
             rows.slots.extend(self.blocks.slot(seq, p) for p in range(start, end))
             rows.cu_seqlens.append(len(rows.ids))
             rows.seq_lens.append(end)
@@ -152,31 +164,37 @@ class ModelRunner:
         return embeds
 
     def prepare_prefill(self, chunks: list[Chunk], rows: PrefillRows | None = None):
+        """(embeds, each token's cos|sin row, metadata); the rows' values are queued to the device here."""
         rows = rows or self.prefill_rows(chunks)
+        if rows.rope_rows is None:
+            rows.rope_rows = self.rope.rows(rows.positions, rows.rope_lens)
         cu = rows.cu_seqlens
         md = AttentionMetadata(
             is_prefill=True, slot_mapping=self._tensor(rows.slots, torch.int64),
             block_tables=self._block_tables([c.seq for c in chunks]),
             seq_lens=self._tensor(rows.seq_lens, torch.int32), cu_seqlens_q=self._tensor(cu, torch.int32),
             max_seqlen_q=max(b - a for a, b in zip(cu, cu[1:])))
-        return self.prefill_embeds(rows), self._tensor(rows.positions, torch.int64), md
+        return self.prefill_embeds(rows), self._tensor(rows.rope_rows, torch.int64), md
 
-    def decode_rows(self, seqs: list[Sequence], ahead: bool) -> tuple[list[int], list[int]]:
-        """Positions and KV slots of a decode step's input tokens: each sequence's last token (position len - 1),
-        or with `ahead` the token a step in flight is still sampling (position len). Keys attended: position + 1."""
+    def decode_rows(self, seqs: list[Sequence], ahead: bool) -> tuple[list[int], list[int], list[int]]:
+        """Positions, KV slots and cos|sin rows of a decode step's input tokens: each sequence's last token
+        (position len - 1), or with `ahead` the token a step in flight is still sampling (position len). Keys
+        attended: position + 1. The rows' values are queued to the device here."""
         positions = [len(s) - 1 + ahead for s in seqs]
-        return positions, [self.blocks.slot(s, p) for s, p in zip(seqs, positions)]
+        lens = [s.rope_len(p) for s, p in zip(seqs, positions)] if self.rope.dynamic else []
+        rope_rows = self.rope.rows(positions, lens)
+        return positions, [self.blocks.slot(s, p) for s, p in zip(seqs, positions)], rope_rows
 
     def prepare_decode(self, seqs: list[Sequence], pending: torch.Tensor | None = None):
         """Decode inputs: each sequence's last token, or with `pending` ((B,) device ids that a step in flight
         sampled and the host has not appended yet) those ids (`decode_rows`)."""
         ahead = pending is not None
-        positions, slots = self.decode_rows(seqs, ahead)
+        positions, slots, rope_rows = self.decode_rows(seqs, ahead)
         md = AttentionMetadata(is_prefill=False, slot_mapping=self._tensor(slots, torch.int64),
                                block_tables=self._block_tables(seqs),
                                seq_lens=self._tensor([p + 1 for p in positions], torch.int32))
         ids = pending if ahead else self._tensor([s.last_token for s in seqs], torch.int64)
-        return ids, self._tensor(positions, torch.int64), md
+        return ids, self._tensor(rope_rows, torch.int64), md
 
     def _pending_ids(self, seqs: list[Sequence], after: LaunchedStep) -> torch.Tensor:
         """`after`'s tokens for `seqs`, gathered on the device. The batch is `after`'s minus the sequences that
@@ -193,15 +211,16 @@ class ModelRunner:
         if batch.is_decode:
             if self.graphs is not None and self.graphs.fits(len(seqs)):
                 return self.graphs.run(seqs, pending), None
-            ids, positions, md = self.prepare_decode(seqs, pending)
-            return self.model.logits(self.model(self.model.embed(ids), positions, self.cos_sin, md)), None
+            ids, rope_rows, md = self.prepare_decode(seqs, pending)
+            return self.model.logits(self.model(self.model.embed(ids), rope_rows, self.cos_sin, md)), None
         rows = self.prefill_rows(batch.chunks)
+        rows.rope_rows = self.rope.rows(rows.positions, rows.rope_lens)
         losses = None
         if not rows.scored and self.prefill_graphs is not None and self.prefill_graphs.fits(len(seqs), len(rows.ids)):
             hidden = self.prefill_graphs.run(seqs, rows)  # the graphs keep the sampled rows only
         else:
-            embeds, positions, md = self.prepare_prefill(batch.chunks, rows)
-            hidden = self.model(embeds, positions, self.cos_sin, md)
+            embeds, rope_rows, md = self.prepare_prefill(batch.chunks, rows)
+            hidden = self.model(embeds, rope_rows, self.cos_sin, md)
             if rows.scored:
                 losses = chunk_nll(self.model, hidden, rows.scored)
             hidden = hidden[self._tensor(rows.sample_rows, torch.int64)]
