@@ -138,9 +138,8 @@ def quant_matmul_triton(x, w: QuantWeight, bias=None, residual=None, tiles=None)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return y
-    if x.is_cuda and M > DEQUANT_CUBLAS_ROWS and tiles is None:
-        xs = x if w.perm is None else x[:, w.perm]
-        y = F.linear(xs, dequantize_triton(w, x.dtype), bias)
+    if x.is_cuda and M > DEQUANT_CUBLAS_ROWS and tiles is None and w.perm is None:  # act-order: the fused kernel
+        y = F.linear(x, dequantize_triton(w, x.dtype), bias)
         return y if residual is None else residual + y
     BLOCK_M, BLOCK_N, BLOCK_K, warps, stages = tiles or _tiles(M, w)
     _quant_matmul_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))](

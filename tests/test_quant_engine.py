@@ -8,7 +8,7 @@ from engine.llm_engine import LLMEngine
 from engine.runtime.kv_cache import count_blocks
 from engine.sampling_params import SamplingParams
 from tests.tiny_checkpoints import make_tiny_lm
-from tests.triton_setup import needs_triton
+from tests.triton_setup import DEVICE, needs_triton
 
 PROMPTS = [[1, 17, 42, 99, 7, 3, 250, 61, 5, 88, 140, 23], [1, 5, 9], [1, 300, 301, 302, 8, 8, 8]]
 
@@ -46,6 +46,8 @@ def test_int8_cache_decodes_like_the_unquantized_one(tiny, dtype):
 
 @needs_triton
 def test_int8_cache_on_triton_kernels_matches_the_twins(tiny):
-    twins, _ = _greedy(tiny, dtype="float32", kv_cache_dtype="int8")
-    fast, _ = _greedy(tiny, dtype="float32", kv_cache_dtype="int8", use_triton=True)
+    weights = {k: v.to(DEVICE) for k, v in tiny[1].items()}
+    on_device = (tiny[0], weights, tiny[2])
+    twins, _ = _greedy(on_device, device=DEVICE, dtype="float32", kv_cache_dtype="int8", use_triton=False)
+    fast, _ = _greedy(on_device, device=DEVICE, dtype="float32", kv_cache_dtype="int8", use_triton=True)
     assert fast == twins
