@@ -35,6 +35,7 @@ from engine.checkpoints.loader import build_text_model
 from engine.runtime.model_runner import LaunchedStep, ModelRunner
 from engine.models.decoder import add_lowp_copies
 from engine.quant.install import TIED_HEAD, place_for_cpu, quantize_weights
+from kernels.quant_weight import QuantWeight
 from engine.sampling_params import SamplingParams
 from engine.paging.scheduler import Batch, Chunk, Scheduler
 from engine.paging.sequence import EngineError, ErrorCode, FinishReason, ImageSpan, Score, Sequence
@@ -97,7 +98,8 @@ class LLMEngine:
         weights = quantize_weights(weights, cfg.quantize)
         self.model = build_text_model(text_cfg, weights, self.ops, self.device, self.dtype)
         if self.device.type == "cpu" and not use_triton:
-            place_for_cpu(self.model, self.dtype, weights.get(TIED_HEAD) if text_cfg.tie_word_embeddings else None)
+            head = weights.get(TIED_HEAD) if text_cfg.tie_word_embeddings else None  # a tied checkpoint may still
+            place_for_cpu(self.model, self.dtype, head if isinstance(head, QuantWeight) else None)  # store it dense
         if cfg.decode_weight_dtype is not None:
             add_lowp_copies(self.model, DTYPES[cfg.decode_weight_dtype])
         self.rope = serving_rope(text_cfg, cfg)

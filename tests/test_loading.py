@@ -46,3 +46,27 @@ def test_dtype_policy():
     assert engine_config("cpu", "bfloat16").dtype == "bfloat16"
     with pytest.raises(ValueError):
         engine_config("cpu", "int3")
+
+
+@pytest.mark.parametrize("kw", [dict(dtype="float32"), dict(dtype="float32", decode_weight_dtype="bfloat16"),
+                                dict(dtype="bfloat16", quantize="w8a16")], ids=str)
+def test_tied_checkpoint_that_also_stores_its_head_loads_on_cpu(kw):
+    # Some tied checkpoints keep a dense lm_head.weight beside the embedding; the CPU placement once took it for a
+    # quantized head and crashed.
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from engine.config import EngineConfig, TextConfig
+    from engine.llm_engine import LLMEngine
+    from engine.models import MODELS
+    from engine.sampling_params import SamplingParams
+
+    cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    state = AutoModelForCausalLM.from_config(cfg).state_dict()
+    assert "lm_head.weight" in state
+    engine = LLMEngine(TextConfig.from_dict(cfg.to_dict(), MODELS["qwen2"][1]), state, None, EngineConfig(**kw))
+    out = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4, ignore_eos=True))[0]
+    assert len(out.token_ids) == 4
+    assert engine.model.lm_head.weight.data_ptr() == engine.model.model.embed_tokens.weight.data_ptr()
