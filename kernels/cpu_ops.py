@@ -52,6 +52,7 @@ SIGNATURES = {  # C argument types: pointers, int64 sizes and strides, float sca
     "silu_mul": [P, I64, P, I64, I64],
     "rope_store_kv": [P, I64, I64, P, I64, I64, P, I64, I64, P, P, I64, P, P, P, P, P, I64, I64, I64, I64],
     "paged_decode": [P, I64, I64, P, P, P, P, I64, P, I64, P, P, I64, I64, I64, I64, I64, F32],
+    "decode_layers": [P, I64, P, I64, I64, I64, I64, I64, I64, F32, P, P, I64, P, P, I64, P, I64, I64, F32, I64],
 }
 # x, stride_x, bf16, M, tiles, dm, bits, N, K, y, residual, threads (kernels/cpu_qgemv.c)
 QGEMV_SIGNATURE = [P, I64, I64, I64, P, P, I64, I64, I64, P, P, I64]
