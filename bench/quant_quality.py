@@ -70,9 +70,9 @@ def modes(dense: dict, blocks: dict, auto_dtype: str) -> dict[str, tuple[dict, d
 def window_nll(engine: LLMEngine, ids: list[int]) -> tuple[float, int]:
     """Sum of next-token negative log-likelihoods over one window, through the engine's prefill."""
     seq = engine.add_request(ids, SamplingParams(max_new_tokens=1))
-    batch, is_prefill = engine.scheduler.schedule()
-    assert is_prefill and batch == [seq]
-    embeds, positions, md = engine.runner.prepare_prefill(batch)
+    batch = engine.scheduler.schedule()
+    assert [(c.seq, c.start, c.end) for c in batch.chunks] == [(seq, 0, len(ids))], "one chunk: the whole window"
+    embeds, positions, md = engine.runner.prepare_prefill(batch.chunks)
     hidden = engine.model(embeds, positions, engine.runner.cos_sin, md)
     logits = torch.cat([engine.model.logits(hidden[i:i + 8]) for i in range(0, len(ids), 8)])  # (T, V) fp32
     engine.abort(seq)
@@ -145,7 +145,8 @@ def main():
     ppl32 = None
     for name, (weights, kw) in modes(dense, blocks, cpu_policy().dtype).items():
         t0 = time.time()
-        engine = LLMEngine(cfg, weights, tok, EngineConfig(enable_prefix_caching=False, max_num_seqs=8, **kw))
+        config = EngineConfig(enable_prefix_caching=False, max_num_seqs=8, max_num_batched_tokens=WINDOW, **kw)
+        engine = LLMEngine(cfg, weights, tok, config)  # a window's prompt: one prefill chunk
         ppl = perplexity(lambda w: window_nll(engine, w), tokens)
         runs[name] = ids = greedy(engine, prompts, args.new_tokens)
         ppl32 = ppl32 or ppl
