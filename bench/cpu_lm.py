@@ -7,7 +7,8 @@ and llama.cpp, in one run, on the same threads.
 Rows: ours in fp32 (pure fp32, dense), auto (what `--dtype auto` picks on this machine, engine/quant/policy.py,
 with the embedded default's GGUF blocks kept where int4 measures faster), auto's dtype on the dense weights (what the
 default ran before), w8a16 and w4a16 (round to nearest at
-load), q4_1-native (the GGUF's own Q4_1 / Q8_0 blocks, bf16 activations), auto + int8 KV cache; transformers fp32
+load), q4_1-native (the GGUF's own Q4_1 / Q8_0 blocks: int8 activations on kernels/cpu_qgemv.c where the policy
+measured it faster, else bf16 on aten's int4 / int8 kernels), auto + int8 KV cache; transformers fp32
 and bf16 (`generate`, eager); llama.cpp through llama-cpp-python on the same GGUF (when `llama_cpp` imports: it is
 not a requirement). TTFT: a 128-token prompt to its first token. Decode: tokens/s over 128 new tokens after the first.
 Every number is the best of --repeats runs: other processes share this machine's cores and only ever slow a run

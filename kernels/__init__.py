@@ -4,7 +4,8 @@ One file per op: `gemv` (the projections with the norm, activation and residual 
 `activation` serve it for several rows; a quantized weight goes to `quant_gemv` / `quant_matmul`, or on a CPU to
 `quant_cpu`'s packing, see `quant_weight`), `kv_store` (rotary embedding, in `rotary`, fused with the KV-cache
 write; int8 caches in the format of `kv_int8`), `paged_decode`, `paged_prefill`; `cpu_ops` (C through ctypes) does a
-CPU decode step's norm, SwiGLU gate, rotary + store and attention in one call each (`load_cpu_ops`). The twins
+CPU decode step's norm, SwiGLU gate, rotary + store and attention in one call each (`load_cpu_ops`), and with
+`cpu_qgemv`'s int8-activation GEMVs a whole step's layers in one (`cpu_decoder`). The twins
 (`*_torch`) are the CPU path and the tests' oracle; the Triton launchers (`*_triton`) are the CUDA path. The engine
 picks once, with `load_ops(use_triton)`, and passes the resulting `KernelOps` around. This package is a leaf: it
 imports torch, triton and the standard library only, and knows nothing of models or scheduling.
@@ -31,6 +32,9 @@ class KernelOps:
     paged_decode_attention: Callable  # (q, k_cache, v_cache, block_tables, seq_lens, scale) -> out
     # (q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q, scale) -> out
     paged_prefill_attention: Callable
+    # (h, LayerStack, positions, cos_sin, slot_mapping, block_tables, seq_lens) -> h after every layer, or None where
+    # it does not take the call: a decode step's layers in one call (cpu_decoder.py). None: the model runs its layers.
+    decode_layers: Callable | None = None
 
 
 def load_ops(use_triton: bool) -> KernelOps:
@@ -58,14 +62,16 @@ def load_ops(use_triton: bool) -> KernelOps:
 def load_cpu_ops() -> KernelOps:
     """The CPU's ops: the twins, with the decode step's small ops in C where a C compiler built them (cpu_ops.py;
     each call still falls back to its twin for dtypes and layouts the C code does not take)."""
-    from .cpu_ops import (act_linear_add_cpu, library, norm_linear_cpu, paged_decode_attention_cpu,
+    from .cpu_decoder import decode_layers_cpu
+    from .cpu_ops import (act_linear_add_cpu, library, linear_add_cpu, norm_linear_cpu, paged_decode_attention_cpu,
                           rope_store_kv_cpu)
 
     twins = load_ops(use_triton=False)
     if library() is None:
         return twins
-    return dataclasses.replace(twins, norm_linear=norm_linear_cpu, act_linear_add=act_linear_add_cpu,
-                               rope_store_kv=rope_store_kv_cpu, paged_decode_attention=paged_decode_attention_cpu)
+    return dataclasses.replace(twins, norm_linear=norm_linear_cpu, linear_add=linear_add_cpu,
+                               act_linear_add=act_linear_add_cpu, rope_store_kv=rope_store_kv_cpu,
+                               paged_decode_attention=paged_decode_attention_cpu, decode_layers=decode_layers_cpu)
 
 
 __all__ = ["HAS_TRITON", "KernelOps", "load_cpu_ops", "load_ops"]

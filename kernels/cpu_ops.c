@@ -15,6 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_bf16.h"
+
 #ifdef ACT_BF16
 typedef uint16_t act_t;
 #define FN(name) name##_bf16
@@ -22,21 +24,6 @@ typedef uint16_t act_t;
 typedef float act_t;
 #define FN(name) name##_f32
 #endif
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 static inline float f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
@@ -266,4 +253,51 @@ void FN(paged_decode)(const act_t *q, int64_t sqb, int64_t sqh, const void *k_ca
     free(acc);
     free(qf);
     free(kv);
+}
+
+/* kernels/cpu_qgemv.c: y = [residual +] x W^T for a tiled 4- or 8-bit weight, int8 activations. */
+void qgemv(const void *x, int64_t stride_x, int64_t bf16, int64_t M, const uint8_t *tiles, const uint16_t *dm,
+           int64_t bits, int64_t N, int64_t K, void *y, const void *residual, int64_t threads);
+
+/* One Llama decoder layer's weights for `decode_layers`: norms (act_t), the four projections as qgemv tiles (qkv,
+ * o, gate_up, down) and the layer's KV cache (k_sz, v_sz: an int8 cache's fp16 scales and zeros, else NULL). */
+typedef struct {
+    const act_t *norm1, *norm2;
+    const uint8_t *tiles[4];
+    const uint16_t *dm[4];
+    int64_t bits[4];
+    void *k_cache, *v_cache;
+    uint16_t *k_sz, *v_sz;
+} layer_t;
+
+/* A decode step's L layers over the residual stream h (M, H), in place: per layer the chain the model runs op by op
+ * (engine/models/decoder.py) -- norm, qkv, rotary + KV store, paged attention, o + residual, norm, gate_up, SwiGLU,
+ * down + residual -- with the same functions, so the result is that chain's, without ~10 Python calls a layer. */
+void FN(decode_layers)(act_t *h, int64_t M, const layer_t *layers, int64_t L, int64_t H, int64_t I, int64_t Hq,
+                       int64_t Hk, int64_t D, float eps, const int64_t *positions, const float *cos_sin,
+                       int64_t stride_cs, const int64_t *slots, const int32_t *block_tables, int64_t stride_bt,
+                       const int32_t *seq_lens, int64_t stride_block, int64_t page, float scale, int64_t threads) {
+    int64_t Q = Hq * D, Nqkv = Q + 2 * Hk * D, bf16 = sizeof(act_t) == 2;
+    act_t *x = malloc(sizeof(act_t) * (size_t)(M * H)), *qkv = malloc(sizeof(act_t) * (size_t)(M * Nqkv));
+    act_t *att = malloc(sizeof(act_t) * (size_t)(M * Q)), *gu = malloc(sizeof(act_t) * (size_t)(M * 2 * I));
+    act_t *act = malloc(sizeof(act_t) * (size_t)(M * I));
+    for (int64_t l = 0; l < L; l++) {
+        const layer_t *w = layers + l;
+        FN(rms_norm)(h, H, w->norm1, x, M, H, eps);
+        qgemv(x, H, bf16, M, w->tiles[0], w->dm[0], w->bits[0], Nqkv, H, qkv, NULL, threads);
+        FN(rope_store_kv)(qkv, Nqkv, D, qkv + Q, Nqkv, D, qkv + Q + Hk * D, Nqkv, D, positions, cos_sin, stride_cs,
+                          w->k_cache, w->v_cache, w->k_sz, w->v_sz, slots, M, Hq, Hk, D);
+        FN(paged_decode)(qkv, Nqkv, D, w->k_cache, w->v_cache, w->k_sz, w->v_sz, stride_block, block_tables,
+                         stride_bt, seq_lens, att, M, Hq, Hk, D, page, scale);
+        qgemv(att, Q, bf16, M, w->tiles[1], w->dm[1], w->bits[1], H, Q, h, h, threads);
+        FN(rms_norm)(h, H, w->norm2, x, M, H, eps);
+        qgemv(x, H, bf16, M, w->tiles[2], w->dm[2], w->bits[2], 2 * I, H, gu, NULL, threads);
+        FN(silu_mul)(gu, 2 * I, act, M, I);
+        qgemv(act, I, bf16, M, w->tiles[3], w->dm[3], w->bits[3], H, I, h, h, threads);
+    }
+    free(x);
+    free(qkv);
+    free(att);
+    free(gu);
+    free(act);
 }

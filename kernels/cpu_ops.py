@@ -3,7 +3,8 @@
 A batch-1 decode step on a CPU is bound less by its matmuls than by the number of tensor ops around them: SmolLM2's
 30 layers x ~40 ops cost ~8 ms of dispatch a token on a Xeon, as much as its int4 GEMVs. `norm_linear`,
 `act_linear_add`, `rope_store_kv` and `paged_decode_attention` here make the norm, the SwiGLU gate, rotary + KV store
-and the attention one C call each; the projections stay PyTorch's (dense, or aten's int4 / int8 kernels: `_linear`).
+and the attention one C call each; the projections stay PyTorch's (dense, or aten's int4 / int8 kernels: `_linear`)
+or, for GGUF-grouped weights, kernels/cpu_qgemv.c's int8-activation GEMV, which adds the residual in its store.
 
 The C file is compiled once per machine and source (`-O3 -march=native`; ~1 s) into ~/.cache/visionchat/kernels
 by the system C compiler. Where there is none, or a call's dtypes or layouts are not the ones the C code takes (fp32
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from . import cpu_qgemv
 from .activation import silu_and_mul_torch
 from .gemv import _linear
 from .kv_int8 import check_quantized
@@ -34,8 +36,12 @@ from .rms_norm import rms_norm_torch
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_suffix(".c")
+QGEMV_SOURCE = Path(__file__).with_name("cpu_qgemv.c")  # compiled once, into the same library (kernels/cpu_qgemv.py)
+HEADER = Path(__file__).with_name("cpu_bf16.h")  # included by both
 CACHE = Path.home() / ".cache" / "visionchat" / "kernels"
 FLAGS = ["-O3", "-fPIC", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros"]
+# IEEE arithmetic: the activations' int8 codes must round as the twin's, near-ties included
+QGEMV_FLAGS = ["-O3", "-fPIC", "-pthread"]
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 # Past this many keys a row (by its block table's width) the twin's SDPA, multi-threaded and tiled, is as fast or
 # faster than the single-threaded C loop (measured: 1,000 keys, 9 query and 3 KV heads of 64: 130 us either way).
@@ -46,7 +52,10 @@ SIGNATURES = {  # C argument types: pointers, int64 sizes and strides, float sca
     "silu_mul": [P, I64, P, I64, I64],
     "rope_store_kv": [P, I64, I64, P, I64, I64, P, I64, I64, P, P, I64, P, P, P, P, P, I64, I64, I64, I64],
     "paged_decode": [P, I64, I64, P, P, P, P, I64, P, I64, P, P, I64, I64, I64, I64, I64, F32],
+    "decode_layers": [P, I64, P, I64, I64, I64, I64, I64, I64, F32, P, P, I64, P, P, I64, P, I64, I64, F32, I64],
 }
+# x, stride_x, bf16, M, tiles, dm, bits, N, K, y, residual, threads (kernels/cpu_qgemv.c)
+QGEMV_SIGNATURE = [P, I64, I64, I64, P, P, I64, I64, I64, P, P, I64]
 
 
 def _compile(cc: str, march: list[str], target: Path) -> None:
@@ -57,8 +66,12 @@ def _compile(cc: str, march: list[str], target: Path) -> None:
             subprocess.run([cc, *FLAGS, *march, *define, "-c", str(SOURCE), "-o", obj], check=True,
                            capture_output=True, text=True)
             objects.append(obj)
+        objects.append(f"{tmp}/qgemv.o")
+        subprocess.run([cc, *QGEMV_FLAGS, *march, "-c", str(QGEMV_SOURCE), "-o", objects[-1]], check=True,
+                       capture_output=True, text=True)
         out = f"{tmp}/lib.so"
-        subprocess.run([cc, "-shared", *objects, "-o", out, "-lm"], check=True, capture_output=True, text=True)
+        subprocess.run([cc, "-shared", *objects, "-o", out, "-lm", "-pthread"], check=True, capture_output=True,
+                       text=True)
         partial = target.with_suffix(f".{os.getpid()}.partial")
         shutil.copyfile(out, partial)
         os.replace(partial, target)  # atomic: another process may be building the same library
@@ -72,7 +85,8 @@ def library() -> ctypes.CDLL | None:
         log.info("no C compiler: the CPU runs the PyTorch twins of the decode ops")
         return None
     cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else platform.processor()
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), cc, platform.machine(), cpu]).encode())
+    sources = SOURCE.read_text() + QGEMV_SOURCE.read_text() + HEADER.read_text()
+    key = hashlib.sha256("\n".join([sources, " ".join(FLAGS + QGEMV_FLAGS), cc, platform.machine(), cpu]).encode())
     target = CACHE / f"cpu_ops-{key.hexdigest()[:16]}.so"
     if not target.is_file():
         CACHE.mkdir(parents=True, exist_ok=True)
@@ -89,6 +103,8 @@ def library() -> ctypes.CDLL | None:
         for suffix in SUFFIX.values():
             fn = getattr(lib, f"{name}_{suffix}")
             fn.argtypes, fn.restype = args, None
+    lib.qgemv.argtypes, lib.qgemv.restype = QGEMV_SIGNATURE, None
+    lib.qgemv_available.argtypes, lib.qgemv_available.restype = [], ctypes.c_int
     return lib
 
 
@@ -129,8 +145,18 @@ def norm_linear_cpu(x, norm_weight, eps, weight, bias=None):
     return _linear(rms_norm_cpu(x, norm_weight, eps), weight, bias)
 
 
+def _linear_add(x, weight, bias, residual):
+    if isinstance(weight, cpu_qgemv.CpuQ8Weight) and bias is None:  # the residual added in the C kernel's store
+        return weight.linear(x, residual=residual)
+    return residual + _linear(x, weight, bias)
+
+
+def linear_add_cpu(x, weight, bias, residual):
+    return _linear_add(x, weight, bias, residual)
+
+
 def act_linear_add_cpu(x, weight, residual):
-    return residual + _linear(silu_and_mul_cpu(x), weight, None)
+    return _linear_add(silu_and_mul_cpu(x), weight, None, residual)
 
 
 def rope_store_kv_cpu(

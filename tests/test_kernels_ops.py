@@ -11,8 +11,9 @@ FIELDS = ["norm_linear", "linear_add", "act_linear_add", "rope_store_kv", "paged
           "paged_prefill_attention"]
 
 
-def test_fields_are_the_six_ops():
-    assert [f.name for f in dataclasses.fields(KernelOps)] == FIELDS
+def test_fields_are_the_six_ops_and_the_optional_decode_step():
+    assert [f.name for f in dataclasses.fields(KernelOps)] == FIELDS + ["decode_layers"]
+    assert load_ops(use_triton=False).decode_layers is None  # only the CPU's C ops have one (kernels/cpu_decoder.py)
 
 
 def test_twins_and_launchers_share_signatures():

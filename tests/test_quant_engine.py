@@ -51,3 +51,38 @@ def test_int8_cache_on_triton_kernels_matches_the_twins(tiny):
     twins, _ = _greedy(on_device, device=DEVICE, dtype="float32", kv_cache_dtype="int8", use_triton=False)
     fast, _ = _greedy(on_device, device=DEVICE, dtype="float32", kv_cache_dtype="int8", use_triton=True)
     assert fast == twins
+
+
+def _as_q4_1(w: torch.Tensor):
+    """A GGUF-style Q4_1 QuantWeight of w: groups of 32, fp16 scale and min (engine/quant/gguf.py's form)."""
+    from kernels.quant_weight import QuantWeight, pack_int4
+
+    g = w.float().view(w.shape[0], -1, 32)
+    lo, hi = g.amin(-1), g.amax(-1)
+    d, m = ((hi - lo) / 15).half(), lo.half()
+    q = ((g - m.float()[..., None]) / d.float().clamp(min=1e-8)[..., None]).round().clamp(0, 15)
+    return QuantWeight(pack_int4(q.to(torch.uint8).view(w.shape)), d, m, 4, 32)
+
+
+def test_gguf_blocks_decode_alike_in_one_c_call_and_op_by_op(tiny):
+    """The CPU's one-call decode step (kernels/cpu_decoder.py) against the model's own layers, on a batch of 3."""
+    import dataclasses
+
+    from engine.quant.install import is_projection
+    from kernels.cpu_qgemv import available
+
+    if not available():
+        pytest.skip("no AVX512-VNNI build here: the model runs its layers")
+    cfg, weights, tok = tiny
+    blocks = {k: _as_q4_1(v) if is_projection(k) else v for k, v in weights.items()}
+    outs = []
+    for one_call in (True, False):
+        engine = LLMEngine(cfg, blocks, tok, EngineConfig(dtype="bfloat16", quantize="gguf",
+                                                          enable_prefix_caching=False))
+        if not one_call:
+            engine.model.model.ops = dataclasses.replace(engine.model.model.ops, decode_layers=None)
+        else:
+            assert engine.model.model.layer_stack() is not None
+        out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=24, ignore_eos=True))
+        outs.append([o.token_ids for o in out])
+    assert outs[0] == outs[1]

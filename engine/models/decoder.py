@@ -109,16 +109,49 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     def __init__(self, ops: KernelOps, cfg: TextConfig):
         super().__init__()
+        self.ops, self.config = ops, cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(ops, cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self._stack: tuple[int, object] | None = None  # (first k cache's address, LayerStack or None)
 
     def forward(self, embeds, positions, cos_sin, md):
         """The residual stream after the last layer, (T, hidden); the final norm runs fused into the LM head."""
+        if not md.is_prefill and self.ops.decode_layers is not None and (stack := self.layer_stack()) is not None:
+            h = self.ops.decode_layers(embeds, stack, positions, cos_sin, md.slot_mapping, md.block_tables,
+                                       md.seq_lens)
+            if h is not None:
+                return h
         h = embeds
         for layer in self.layers:
             h = layer(h, positions, cos_sin, md)
         return h
+
+    def layer_stack(self):
+        """The layers as `ops.decode_layers` takes them (kernels/cpu_decoder.py), built at the first decode step (the
+        caches are bound by then) and again if they move; None where a projection is not on the int8-activation
+        kernel (kernels/cpu_qgemv.py) or has a bias."""
+        first = self.layers[0].self_attn.attn
+        if self._stack is None or self._stack[0] != first.k_cache.data_ptr():
+            self._stack = (first.k_cache.data_ptr(), self._build_stack())
+        return self._stack[1]
+
+    def _build_stack(self):
+        from kernels.cpu_decoder import DecoderLayerWeights, LayerStack
+        from kernels.cpu_qgemv import CpuQ8Weight
+
+        layers = []
+        for layer in self.layers:
+            at, mlp = layer.self_attn, layer.mlp
+            projections = (at.qkv_proj, at.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            if any(not isinstance(p.lowp, CpuQ8Weight) or p.bias is not None for p in projections):
+                return None
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            layers.append(DecoderLayerWeights(
+                norms[0].detach(), at.qkv_proj.lowp, at.o_proj.lowp, norms[1].detach(), mlp.gate_up_proj.lowp,
+                mlp.down_proj.lowp, at.attn.k_cache, at.attn.v_cache, at.attn.k_scale_zero, at.attn.v_scale_zero))
+        cfg = self.config
+        return LayerStack(layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
 
 
 class CausalLM(nn.Module):

@@ -10,8 +10,11 @@ thread: on a busy 2-core box all five came out at ~7.6 ms with 2 threads, 0.3-1.
 
   - `dtype`: bf16 when its prefill matmul is clearly faster (x1.3), else fp32.
   - `decode_weight_dtype`: with fp32, a bf16 copy of each weight for decode steps when its GEMV is faster.
-  - `int4_decode`: whether the int4 kernel beats that dense decode GEMV; the embedded default then keeps its GGUF's
-    4-bit blocks (engine/families/embedded.py).
+  - `int8_act_decode`: whether kernels/cpu_qgemv.c (GGUF-grouped weights times int8 activations on AVX512-VNNI,
+    llama.cpp's scheme; timed only where it was built) beats PyTorch's int4 kernel; GGUF blocks then run on it
+    (engine/quant/install.py).
+  - `int4_decode`: whether the faster of those two beats that dense decode GEMV; the embedded default then keeps its
+    GGUF's 4-bit blocks (engine/families/embedded.py).
 """
 from __future__ import annotations
 
@@ -22,6 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.cpu_qgemv import pack_q8
+from kernels.quant_weight import QuantWeight, pack_int4
+
 MARGIN = 1.3  # bf16 activations cost some accuracy: taken only for a clear gain
 
 
@@ -30,6 +36,7 @@ class CpuPolicy:
     dtype: str  # "bfloat16" or "float32"
     decode_weight_dtype: str | None  # "bfloat16" or None
     int4_decode: bool
+    int8_act_decode: bool
     timings_ms: tuple[tuple[str, float], ...]  # what was measured, for logs and the bench
 
     def describe(self) -> str:
@@ -74,12 +81,16 @@ def _measure() -> CpuPolicy:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         sz = torch.rand(1536 // 32, 3072, 2, generator=gen).bfloat16()
         decode4 = _best_ms(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(v.bfloat16(), packed, 32, sz), inner=10)
+        q8 = pack_q8(QuantWeight(pack_int4(q.to(torch.uint8)), sz[..., 0].t().half(), sz[..., 1].t().half(), 4, 32))
+        decode_q8 = float("inf") if q8 is None else _best_ms(lambda: q8.linear(v.bfloat16()), inner=10)
     bf16 = prefill16 * MARGIN < prefill32
     dense_decode = decode16 if bf16 or decode16 < decode32 else decode32
+    timings = (("prefill fp32", prefill32), ("prefill bf16", prefill16), ("decode fp32", decode32),
+               ("decode bf16", decode16), ("decode int4", decode4))
     return CpuPolicy(
         dtype="bfloat16" if bf16 else "float32",
         decode_weight_dtype="bfloat16" if not bf16 and decode16 < decode32 else None,
-        int4_decode=decode4 < dense_decode,
-        timings_ms=(("prefill fp32", prefill32), ("prefill bf16", prefill16), ("decode fp32", decode32),
-                    ("decode bf16", decode16), ("decode int4", decode4)),
+        int4_decode=min(decode4, decode_q8) < dense_decode,
+        int8_act_decode=decode_q8 < decode4,
+        timings_ms=timings + ((("decode q4 x int8 (C)", decode_q8),) if q8 is not None else ()),
     )
