@@ -64,8 +64,10 @@ def _as_q4_1(w: torch.Tensor):
     return QuantWeight(pack_int4(q.to(torch.uint8).view(w.shape)), d, m, 4, 32)
 
 
-def test_gguf_blocks_decode_alike_in_one_c_call_and_op_by_op(tiny):
-    """The CPU's one-call decode step (kernels/cpu_decoder.py) against the model's own layers, on a batch of 3."""
+@pytest.mark.parametrize("rope", [None, 2.0], ids=["as-trained", "dynamic-ntk"])
+def test_gguf_blocks_decode_alike_in_one_c_call_and_op_by_op(tiny, rope, tmp_path):
+    """The CPU's one-call decode step (kernels/cpu_decoder.py) against the model's own layers, on a batch of 3; with
+    dynamic NTK past a 16-token trained length too (each decode token's cos|sin row is its own, per sequence)."""
     import dataclasses
 
     from engine.quant.install import is_projection
@@ -73,12 +75,13 @@ def test_gguf_blocks_decode_alike_in_one_c_call_and_op_by_op(tiny):
 
     if not available():
         pytest.skip("no AVX512-VNNI build here: the model runs its layers")
-    cfg, weights, tok = tiny
+    cfg, weights, tok = tiny if rope is None else make_tiny_lm(tmp_path, max_positions=16)
     blocks = {k: _as_q4_1(v) if is_projection(k) else v for k, v in weights.items()}
+    extra = {} if rope is None else dict(rope_scaling_factor=rope, max_model_len=64)
     outs = []
     for one_call in (True, False):
         engine = LLMEngine(cfg, blocks, tok, EngineConfig(dtype="bfloat16", quantize="gguf",
-                                                          enable_prefix_caching=False))
+                                                          enable_prefix_caching=False, **extra))
         if not one_call:
             engine.model.model.ops = dataclasses.replace(engine.model.model.ops, decode_layers=None)
         else:
