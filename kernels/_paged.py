@@ -8,6 +8,7 @@ Imported by those files only, never by `kernels/__init__`: triton decides betwee
 import torch
 
 from ._triton import tl, triton
+from .kv_int8 import dequantize_kv
 
 
 @triton.jit
@@ -62,3 +63,17 @@ def check_caches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     if k_cache.stride()[1:] != dense[1:] or v_cache.stride() != k_cache.stride() or k_cache.stride(0) < dense[0]:
         raise ValueError(f"caches must be dense within a block and share strides, got {k_cache.stride()} and "
                          f"{v_cache.stride()}")
+
+
+def sequence_kv(cache: torch.Tensor, scale_zero: torch.Tensor | None, ids: list[int], n: int, dtype) -> torch.Tensor:
+    """One sequence's first n keys (or values), (n, Hk, D): a view when its blocks are consecutive (the usual case),
+    else a gathered copy; an int8 cache's dequantized."""
+    first = ids[0]
+    if ids == list(range(first, first + len(ids))):
+        x = cache[first:first + len(ids)]
+        sz = None if scale_zero is None else scale_zero[first:first + len(ids)]
+    else:
+        index = torch.tensor(ids, device=cache.device)
+        x, sz = cache[index], None if scale_zero is None else scale_zero[index]
+    x = x.flatten(0, 1)[:n]
+    return x if sz is None else dequantize_kv(x, sz.flatten(0, 1)[:n], dtype)

@@ -17,29 +17,15 @@ prefill or chunked prefill (`paged_prefill.py`), sliding windows, ALiBi, soft-ca
 import torch
 import torch.nn.functional as F
 
-from ._paged import _dot, _softmax_step, check_caches
+from ._paged import _dot, _softmax_step, check_caches, sequence_kv
 from ._triton import triton, tl
-from .kv_int8 import check_quantized, dequantize_kv
+from .kv_int8 import check_quantized
 
 _LOG2E = 1.4426950408889634  # the kernels use exp2, so scores are pre-multiplied by log2(e)
 _BLOCK_N = 64  # keys per inner step
 _MIN_SPLIT_KEYS = 64  # below this a split's fixed cost (q load, partial write, merge) outweighs its work
 _MAX_SPLITS = 64
 _INTERPRETER_SMS = 4  # CPU tensors only run under TRITON_INTERPRET; any small number works
-
-
-def _row(cache: torch.Tensor, scale_zero: torch.Tensor | None, ids: list[int], n: int, dtype) -> torch.Tensor:
-    """One sequence's first n keys (or values), (n, Hk, D): a view when its blocks are consecutive (the usual case),
-    else a gathered copy; an int8 cache's dequantized."""
-    first = ids[0]
-    if ids == list(range(first, first + len(ids))):
-        x = cache[first:first + len(ids)]
-        sz = None if scale_zero is None else scale_zero[first:first + len(ids)]
-    else:
-        index = torch.tensor(ids, device=cache.device)
-        x, sz = cache[index], None if scale_zero is None else scale_zero[index]
-    x = x.flatten(0, 1)[:n]
-    return x if sz is None else dequantize_kv(x, sz.flatten(0, 1)[:n], dtype)
 
 
 def paged_decode_attention_torch(
@@ -56,8 +42,8 @@ def paged_decode_attention_torch(
         if n == 0:
             continue
         ids = block_tables[b, : (n + block_size - 1) // block_size].tolist()
-        k = _row(k_cache, k_scale_zero, ids, n, q.dtype).transpose(0, 1)  # (Hk, n, D)
-        v = _row(v_cache, v_scale_zero, ids, n, q.dtype).transpose(0, 1)
+        k = sequence_kv(k_cache, k_scale_zero, ids, n, q.dtype).transpose(0, 1)  # (Hk, n, D)
+        v = sequence_kv(v_cache, v_scale_zero, ids, n, q.dtype).transpose(0, 1)
         # enable_gqa shares each KV head with its Hq/Hk query heads without materialising copies.
         o = F.scaled_dot_product_attention(q[b].unsqueeze(1), k, v, scale=scale, enable_gqa=True)  # (Hq, 1, D)
         if out is None:  # batch-1 decode (the CPU's usual step): no output buffer to fill

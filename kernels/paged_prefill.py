@@ -12,9 +12,9 @@ sliding windows, ALiBi, soft-capping, non-causal (vision) attention.
 import torch
 import torch.nn.functional as F
 
-from ._paged import _dot, _load_kv, _softmax_step, check_caches
+from ._paged import _dot, _load_kv, _softmax_step, check_caches, sequence_kv
 from ._triton import triton, tl
-from .kv_int8 import check_quantized, dequantize_kv
+from .kv_int8 import check_quantized
 
 _LOG2E = 1.4426950408889634  # the kernel uses exp2, so scores are pre-multiplied by log2(e)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) keyed by "is fp32", the best of a sweep on an H100 at D=128
@@ -27,27 +27,27 @@ def paged_prefill_attention_torch(
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, max_seqlen_q: int, scale: float,
     k_scale_zero: torch.Tensor | None = None, v_scale_zero: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    quantized = check_quantized(k_cache, k_scale_zero, v_cache, v_scale_zero)
-    Hq, D = q.shape[1:]
-    block_size, Hk = k_cache.shape[1], k_cache.shape[2]
+    check_quantized(k_cache, k_scale_zero, v_cache, v_scale_zero)
+    block_size = k_cache.shape[1]
     out = torch.empty_like(q)  # rows past cu_seqlens_q[-1] stay unwritten, as in the Triton path
     starts, lens = cu_seqlens_q.tolist(), seq_lens.tolist()  # host sync: the twin is the CPU path and test oracle
     for b, seq_len in enumerate(lens):
         q_start, q_end = starts[b], starts[b + 1]
         if q_end == q_start:
             continue
-        blocks = block_tables[b, : (seq_len + block_size - 1) // block_size].long()
-        k = k_cache[blocks].reshape(-1, Hk, D)[:seq_len]  # (S, Hk, D)
-        v = v_cache[blocks].reshape(-1, Hk, D)[:seq_len]
-        if quantized:
-            k = dequantize_kv(k, k_scale_zero[blocks].reshape(-1, Hk, 2)[:seq_len], q.dtype)
-            v = dequantize_kv(v, v_scale_zero[blocks].reshape(-1, Hk, 2)[:seq_len], q.dtype)
-        q_pos = torch.arange(seq_len - (q_end - q_start), seq_len, device=q.device)  # (L,) absolute positions
-        causal = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # (L, S)
+        ids = block_tables[b, : (seq_len + block_size - 1) // block_size].tolist()
+        k = sequence_kv(k_cache, k_scale_zero, ids, seq_len, q.dtype)  # (S, Hk, D): a view when blocks are in order
+        v = sequence_kv(v_cache, v_scale_zero, ids, seq_len, q.dtype)
+        L = q_end - q_start
+        if L == seq_len:  # no cached keys: the causal mask is SDPA's own
+            causal = None
+        else:
+            q_pos = torch.arange(seq_len - L, seq_len, device=q.device)  # (L,) absolute positions
+            causal = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # (L, S)
         # SDPA in q.dtype, like HF's sdpa attention, so fp32 stays in step with HF.
         out[q_start:q_end] = F.scaled_dot_product_attention(
             q[q_start:q_end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),  # (Hq, L|S, D)
-            attn_mask=causal, scale=scale, enable_gqa=True,  # KV heads shared by their query groups, not copied
+            attn_mask=causal, is_causal=causal is None, scale=scale, enable_gqa=True,  # KV heads shared, not copied
         ).transpose(0, 1)
     return out
 
