@@ -44,7 +44,7 @@ def rotary_rows(n_rows: int, n_head: int) -> torch.Tensor:
 
 def q4_1(blocks: np.ndarray, rows: int) -> QuantWeight:
     """uint8 (N, K/32 * 20) of Q4_1 blocks -> 4-bit QuantWeight, group 32, exact."""
-    b = torch.from_numpy(np.ascontiguousarray(blocks)).view(rows, -1, 20)  # (N, K/32, 20)
+    b = torch.from_numpy(np.require(blocks, requirements=["C", "W"])).view(rows, -1, 20)  # (N, K/32, 20), own copy
     d = b[:, :, 0:2].contiguous().view(torch.float16).squeeze(-1)
     m = b[:, :, 2:4].contiguous().view(torch.float16).squeeze(-1)
     qs = b[:, :, 4:]  # (N, K/32, 16)
@@ -53,7 +53,7 @@ def q4_1(blocks: np.ndarray, rows: int) -> QuantWeight:
 
 
 def q8_0(blocks: np.ndarray, rows: int) -> QuantWeight:
-    b = torch.from_numpy(np.ascontiguousarray(blocks)).view(rows, -1, 34)
+    b = torch.from_numpy(np.require(blocks, requirements=["C", "W"])).view(rows, -1, 34)
     d = b[:, :, 0:2].contiguous().view(torch.float16).squeeze(-1)
     q = b[:, :, 2:].contiguous().view(torch.int8).reshape(rows, -1)
     return QuantWeight(q, d, None, 8, 32)
