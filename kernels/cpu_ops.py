@@ -156,7 +156,10 @@ def linear_add_cpu(x, weight, bias, residual):
 
 
 def act_linear_add_cpu(x, weight, residual):
-    return _linear_add(silu_and_mul_cpu(x), weight, None, residual)
+    # torch's SwiGLU, not the C one: on this project's Xeon it measured faster at every row count (1 row: 16 against
+    # 29 us; 2,048 rows: 2.5 against 31 ms, bf16). The C loop stays inside the one-call decode step (decode_layers),
+    # where it saves a Python round trip a layer.
+    return _linear_add(silu_and_mul_torch(x), weight, None, residual)
 
 
 def rope_store_kv_cpu(
