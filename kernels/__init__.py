@@ -63,7 +63,8 @@ def load_cpu_ops() -> KernelOps:
     """The CPU's ops: the twins, with the decode step's small ops in C where a C compiler built them (cpu_ops.py;
     each call still falls back to its twin for dtypes and layouts the C code does not take)."""
     from .cpu_decoder import decode_layers_cpu
-    from .cpu_ops import (act_linear_add_cpu, library, linear_add_cpu, norm_linear_cpu, paged_decode_attention_cpu,
+    from .cpu_build import library
+    from .cpu_ops import (act_linear_add_cpu, linear_add_cpu, norm_linear_cpu, paged_decode_attention_cpu,
                           rope_store_kv_cpu)
 
     twins = load_ops(use_triton=False)

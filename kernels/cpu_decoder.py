@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import cpu_ops
+from . import cpu_build, cpu_ops
 from .cpu_qgemv import MAX_K, MAX_ROWS, CpuQ8Weight
 from .gemv import act_linear_add_torch, linear_add_torch, norm_linear_torch
 from .kv_store import rope_store_kv_torch
@@ -82,7 +82,7 @@ def decode_layers_torch(h, stack: LayerStack, positions, cos_sin, slot_mapping, 
 
 def decode_layers_cpu(h, stack: LayerStack, positions, cos_sin, slot_mapping, block_tables, seq_lens):
     """`decode_layers_torch` in one C call, or None where the C code does not take the call (module docstring)."""
-    fn = cpu_ops._fn("decode_layers", h.dtype)
+    fn = cpu_build.function("decode_layers", h.dtype)
     M, first = h.shape[0], stack.layers[0]
     ok = (fn is not None and h.dtype == stack.dtype and h.dim() == 2 and h.shape[1] == stack.hidden
           and M <= MAX_ROWS and max(stack.hidden, stack.intermediate) <= MAX_K and not h.is_cuda

@@ -6,27 +6,17 @@ A batch-1 decode step on a CPU is bound less by its matmuls than by the number o
 and the attention one C call each; the projections stay PyTorch's (dense, or aten's int4 / int8 kernels: `_linear`)
 or, for GGUF-grouped weights, kernels/cpu_qgemv.c's int8-activation GEMV, which adds the residual in its store.
 
-The C file is compiled once per machine and source (`-O3 -march=native`; ~1 s) into ~/.cache/visionchat/kernels
-by the system C compiler. Where there is none, or a call's dtypes or layouts are not the ones the C code takes (fp32
+The C file is compiled once per machine and source (`-O3 -march=native`; ~1 s) by kernels/cpu_build.py. Where
+there is no compiler, or a call's dtypes or layouts are not the ones the C code takes (fp32
 and bf16 activations, dense caches), the twin runs instead: the choice is per call and never changes the result
 beyond summation order. Not here: prefill attention (SDPA is efficient for many rows), the projections' kernels.
 """
 
 
-import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from functools import cache
-from pathlib import Path
-
 import torch
 
 from . import cpu_qgemv
+from .cpu_build import function as _fn
 from .activation import silu_and_mul_torch
 from .gemv import _linear
 from .kv_int8 import check_quantized
@@ -34,89 +24,9 @@ from .kv_store import rope_store_kv_torch
 from .paged_decode import paged_decode_attention_torch
 from .rms_norm import rms_norm_torch
 
-log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_suffix(".c")
-QGEMV_SOURCE = Path(__file__).with_name("cpu_qgemv.c")  # compiled once, into the same library (kernels/cpu_qgemv.py)
-HEADER = Path(__file__).with_name("cpu_bf16.h")  # included by both
-CACHE = Path.home() / ".cache" / "visionchat" / "kernels"
-FLAGS = ["-O3", "-fPIC", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros"]
-# IEEE arithmetic: the activations' int8 codes must round as the twin's, near-ties included
-QGEMV_FLAGS = ["-O3", "-fPIC", "-pthread"]
-SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 # Past this many keys a row (by its block table's width) the twin's SDPA, multi-threaded and tiled, is as fast or
 # faster than the single-threaded C loop (measured: 1,000 keys, 9 query and 3 KV heads of 64: 130 us either way).
 LONG_CONTEXT = 768
-P, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-SIGNATURES = {  # C argument types: pointers, int64 sizes and strides, float scalars
-    "rms_norm": [P, I64, P, P, I64, I64, F32],
-    "silu_mul": [P, I64, P, I64, I64],
-    "rope_store_kv": [P, I64, I64, P, I64, I64, P, I64, I64, P, P, I64, P, P, P, P, P, I64, I64, I64, I64],
-    "paged_decode": [P, I64, I64, P, P, P, P, I64, P, I64, P, P, I64, I64, I64, I64, I64, F32],
-    "decode_layers": [P, I64, P, I64, I64, I64, I64, I64, I64, F32, P, P, I64, P, P, I64, P, I64, I64, F32, I64],
-}
-# x, stride_x, bf16, M, tiles, dm, bits, N, K, y, residual, threads (kernels/cpu_qgemv.c)
-QGEMV_SIGNATURE = [P, I64, I64, I64, P, P, I64, I64, I64, P, P, I64]
-
-
-def _compile(cc: str, march: list[str], target: Path) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        objects = []
-        for name, define in (("bf16", ["-DACT_BF16"]), ("f32", [])):
-            obj = f"{tmp}/{name}.o"
-            subprocess.run([cc, *FLAGS, *march, *define, "-c", str(SOURCE), "-o", obj], check=True,
-                           capture_output=True, text=True)
-            objects.append(obj)
-        objects.append(f"{tmp}/qgemv.o")
-        subprocess.run([cc, *QGEMV_FLAGS, *march, "-c", str(QGEMV_SOURCE), "-o", objects[-1]], check=True,
-                       capture_output=True, text=True)
-        out = f"{tmp}/lib.so"
-        subprocess.run([cc, "-shared", *objects, "-o", out, "-lm", "-pthread"], check=True, capture_output=True,
-                       text=True)
-        partial = target.with_suffix(f".{os.getpid()}.partial")
-        shutil.copyfile(out, partial)
-        os.replace(partial, target)  # atomic: another process may be building the same library
-
-
-@cache
-def library() -> ctypes.CDLL | None:
-    """The compiled ops, or None (no C compiler, or it failed: the twins run)."""
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        log.info("no C compiler: the CPU runs the PyTorch twins of the decode ops")
-        return None
-    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else platform.processor()
-    sources = SOURCE.read_text() + QGEMV_SOURCE.read_text() + HEADER.read_text()
-    key = hashlib.sha256("\n".join([sources, " ".join(FLAGS + QGEMV_FLAGS), cc, platform.machine(), cpu]).encode())
-    target = CACHE / f"cpu_ops-{key.hexdigest()[:16]}.so"
-    if not target.is_file():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        try:  # -march=native: the library is built on, and for, this machine
-            _compile(cc, ["-march=native"], target)
-        except subprocess.CalledProcessError:
-            try:
-                _compile(cc, [], target)
-            except subprocess.CalledProcessError as exc:
-                log.warning("building %s failed, the CPU runs the PyTorch twins: %s", SOURCE.name, exc.stderr[-500:])
-                return None
-    lib = ctypes.CDLL(str(target))
-    for name, args in SIGNATURES.items():
-        for suffix in SUFFIX.values():
-            fn = getattr(lib, f"{name}_{suffix}")
-            fn.argtypes, fn.restype = args, None
-    lib.qgemv.argtypes, lib.qgemv.restype = QGEMV_SIGNATURE, None
-    lib.qgemv_available.argtypes, lib.qgemv_available.restype = [], ctypes.c_int
-    return lib
-
-
-@cache
-def _functions() -> dict:
-    """{(op name, activation dtype): C function}; empty without the library."""
-    lib = library()
-    return {} if lib is None else {(n, d): getattr(lib, f"{n}_{s}") for n in SIGNATURES for d, s in SUFFIX.items()}
-
-
-def _fn(name: str, dtype: torch.dtype):
-    return _functions().get((name, dtype))
 
 
 def _rows_ok(x: torch.Tensor) -> bool:

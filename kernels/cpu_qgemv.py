@@ -11,13 +11,13 @@ caller keeps its other kernels then. Whether this beats PyTorch's int4 kernel is
 (engine/quant/policy.py).
 
 `qgemv_torch` is the twin and the oracle: the same int8 codes, the products summed in fp32 in another order.
-Not here: the C build (kernels/cpu_ops.py), aten's int4 / int8 kernels (kernels/quant_cpu.py).
+Not here: the C build (kernels/cpu_build.py), aten's int4 / int8 kernels (kernels/quant_cpu.py).
 """
 from __future__ import annotations
 
 import torch
 
-from . import cpu_ops  # the module, not its names: cpu_ops imports this one back
+from .cpu_build import library
 from .quant_weight import QuantWeight, unpack_int4
 
 GROUP = 32
@@ -25,7 +25,7 @@ MAX_ROWS, MAX_K = 16, 4096  # the C code's stack buffers: activation rows a call
 
 
 def available() -> bool:
-    lib = cpu_ops.library()
+    lib = library()
     return lib is not None and bool(lib.qgemv_available())
 
 
@@ -39,7 +39,7 @@ class CpuQ8Weight:
                residual: torch.Tensor | None = None) -> torch.Tensor:
         """[residual +] x W^T [+ bias], rounded to x's dtype before the residual add (as `residual + linear(x)`)."""
         N, K = self.shape
-        lib = cpu_ops.library()
+        lib = library()
         ok = (lib is not None and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 2 and x.stride(1) == 1
               and not x.is_cuda and x.shape[0] <= MAX_ROWS and bias is None
               and (residual is None or (residual.dtype == x.dtype and residual.is_contiguous())))

@@ -6,7 +6,8 @@ import torch
 
 from kernels import load_cpu_ops, load_ops
 from kernels.activation import silu_and_mul_torch
-from kernels.cpu_ops import library, paged_decode_attention_cpu, rms_norm_cpu, rope_store_kv_cpu, silu_and_mul_cpu
+from kernels.cpu_build import library
+from kernels.cpu_ops import paged_decode_attention_cpu, rms_norm_cpu, rope_store_kv_cpu, silu_and_mul_cpu
 from kernels.kv_int8 import quantize_kv
 from kernels.kv_store import rope_store_kv_torch
 from kernels.paged_decode import paged_decode_attention_torch
