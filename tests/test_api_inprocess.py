@@ -22,7 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    folder = make_tiny_llava(tmp_path_factory.mktemp("inprocess"), "qwen2-siglip")
+    # a long context, so the abort tests' replies (LONG tokens) are still running when their clients go
+    folder = make_tiny_llava(tmp_path_factory.mktemp("inprocess"), "qwen2-siglip", context=4096)
     m = ChatModel(load_model(str(folder), "cpu", "float32"))
     yield m
     m.close()
@@ -65,6 +66,9 @@ def idle(model, timeout=10.0):
     return False
 
 
+LONG = 4000  # new tokens of the replies whose clients go mid-reply (seconds of work even for the tiny model)
+
+
 def body(max_tokens=40, **kw):
     return {"model": "tiny", "messages": [{"role": "user", "content": "Describe the cat."}],
             "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, **kw}
@@ -99,7 +103,7 @@ def test_api_and_ui_requests_share_the_engine_and_batch(url, model, batch_sizes)
 
 def test_closing_a_stream_aborts_its_request(url, model):
     with httpx.Client(timeout=60) as client:
-        with client.stream("POST", f"{url}/chat/completions", json=body(400, stream=True)) as response:
+        with client.stream("POST", f"{url}/chat/completions", json=body(LONG, stream=True)) as response:
             assert response.status_code == 200
             for line in response.iter_lines():
                 if line.startswith("data: {") and (json.loads(line[6:])["choices"][0]["delta"].get("content")):
@@ -111,7 +115,7 @@ def test_closing_a_stream_aborts_its_request(url, model):
 
 def test_a_non_streamed_request_is_aborted_when_its_client_goes(url, model):
     with contextlib.suppress(httpx.ReadTimeout):
-        httpx.post(f"{url}/chat/completions", json=body(400), timeout=httpx.Timeout(60, read=0.5))
+        httpx.post(f"{url}/chat/completions", json=body(LONG), timeout=httpx.Timeout(60, read=0.5))
     assert idle(model), "the engine kept generating for a client that had gone"
 
 
