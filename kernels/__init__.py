@@ -4,7 +4,7 @@ One file per op: `gemv` (the projections with the norm, activation and residual 
 `activation` serve it for several rows; a quantized weight goes to `quant_gemv` / `quant_matmul`, or on a CPU to
 `quant_cpu`'s packing, see `quant_weight`), `kv_store` (rotary embedding, in `rotary`, fused with the KV-cache
 write; int8 caches in the format of `kv_int8`), `paged_decode`, `paged_prefill`; `cpu_ops` (C through ctypes) does a
-CPU decode step's norm, SwiGLU gate, rotary + store and attention in one call each (`load_cpu_ops`), and with
+CPU decode step's norm, rotary + store and attention in one call each (`load_cpu_ops`), and with
 `cpu_qgemv`'s int8-activation GEMVs a whole step's layers in one (`cpu_decoder`). The twins
 (`*_torch`) are the CPU path and the tests' oracle; the Triton launchers (`*_triton`) are the CUDA path. The engine
 picks once, with `load_ops(use_triton)`, and passes the resulting `KernelOps` around. This package is a leaf: it

@@ -2,8 +2,9 @@
 
 A batch-1 decode step on a CPU is bound less by its matmuls than by the number of tensor ops around them: SmolLM2's
 30 layers x ~40 ops cost ~8 ms of dispatch a token on a Xeon, as much as its int4 GEMVs. `norm_linear`,
-`act_linear_add`, `rope_store_kv` and `paged_decode_attention` here make the norm, the SwiGLU gate, rotary + KV store
-and the attention one C call each; the projections stay PyTorch's (dense, or aten's int4 / int8 kernels: `_linear`)
+`rope_store_kv` and `paged_decode_attention` here make the norm, rotary + KV store and the attention one C call each
+(the SwiGLU gate stays torch's here: the C one is used inside the one-call step, kernels/cpu_decoder.py); the
+projections stay PyTorch's (dense, or aten's int4 / int8 kernels: `_linear`)
 or, for GGUF-grouped weights, kernels/cpu_qgemv.c's int8-activation GEMV, which adds the residual in its store.
 
 The C file is compiled once per machine and source (`-O3 -march=native`; ~1 s) by kernels/cpu_build.py. Where

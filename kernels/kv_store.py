@@ -12,7 +12,7 @@ import torch
 
 from ._triton import triton, tl
 from .kv_int8 import check_quantized, quantize_kv
-from .rotary import _rotate_heads, rotary_torch
+from .rotary import _rotate_heads, _rotated, rotary_torch
 
 
 def rope_store_kv_torch(
@@ -63,15 +63,8 @@ def _store_quantized_k(src_ptr, dst_ptr, sz_ptr, stride_src_h, stride_dst_h, cos
     """Rotate one token's k heads (rounded to k's dtype, as the twin rotates in it) and store them as int8."""
     heads = tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_HALF)
-    mask = (heads[:, None] < n_heads) & (cols[None, :] < HALF)
-    src1 = src_ptr + heads[:, None] * stride_src_h + cols[None, :]
-    x1 = tl.load(src1, mask=mask, other=0.0)
-    x2 = tl.load(src1 + HALF, mask=mask, other=0.0)
-    c = cos.to(x1.dtype).to(tl.float32)[None, :]
-    s = sin.to(x1.dtype).to(tl.float32)[None, :]
-    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    o1 = (x1f * c - x2f * s).to(x1.dtype).to(tl.float32)
-    o2 = (x2f * c + x1f * s).to(x1.dtype).to(tl.float32)
+    o1, o2, mask = _rotated(src_ptr, stride_src_h, cos, sin, n_heads, HALF, BLOCK_H, BLOCK_HALF)
+    o1, o2 = o1.to(tl.float32), o2.to(tl.float32)
     lo = tl.minimum(tl.min(tl.where(mask, o1, float("inf")), axis=1), tl.min(tl.where(mask, o2, float("inf")), axis=1))
     hi = tl.maximum(tl.max(tl.where(mask, o1, float("-inf")), axis=1),
                     tl.max(tl.where(mask, o2, float("-inf")), axis=1))

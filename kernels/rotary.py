@@ -24,21 +24,30 @@ def rotary_torch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
 
 
 @triton.jit
-def _rotate_heads(
-    src_ptr, dst_ptr, stride_src_h, stride_dst_h, cos, sin, n_heads, write,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-):
-    """Rotate one token's heads (pointers at the token's row) from src into dst; dst may be src (in place)."""
+def _rotated(src_ptr, stride_src_h, cos, sin, n_heads,
+             HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """One token's heads (a pointer at the token's row) rotated: their two halves in x's dtype, and the mask of
+    (head, column) entries that exist."""
     heads = tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_HALF)
     mask = (heads[:, None] < n_heads) & (cols[None, :] < HALF)
     src1 = src_ptr + heads[:, None] * stride_src_h + cols[None, :]  # (BLOCK_H, BLOCK_HALF)
-    dst1 = dst_ptr + heads[:, None] * stride_dst_h + cols[None, :]
     x1 = tl.load(src1, mask=mask, other=0.0)
     x2 = tl.load(src1 + HALF, mask=mask, other=0.0)
     # HF rounds the table to x.dtype first; doing the same keeps bf16 positions in step with HF.
     c = cos.to(x1.dtype).to(tl.float32)[None, :]
     s = sin.to(x1.dtype).to(tl.float32)[None, :]
     x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(dst1, (x1f * c - x2f * s).to(x1.dtype), mask=mask & write)
-    tl.store(dst1 + HALF, (x2f * c + x1f * s).to(x1.dtype), mask=mask & write)
+    return (x1f * c - x2f * s).to(x1.dtype), (x2f * c + x1f * s).to(x1.dtype), mask
+
+
+@triton.jit
+def _rotate_heads(
+    src_ptr, dst_ptr, stride_src_h, stride_dst_h, cos, sin, n_heads, write,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    """Rotate one token's heads (pointers at the token's row) from src into dst; dst may be src (in place)."""
+    o1, o2, mask = _rotated(src_ptr, stride_src_h, cos, sin, n_heads, HALF, BLOCK_H, BLOCK_HALF)
+    dst1 = dst_ptr + tl.arange(0, BLOCK_H)[:, None] * stride_dst_h + tl.arange(0, BLOCK_HALF)[None, :]
+    tl.store(dst1, o1, mask=mask & write)
+    tl.store(dst1 + HALF, o2, mask=mask & write)
