@@ -35,6 +35,30 @@ def _softmax_step(s, v, m, l, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr
 
 
 @triton.jit
+def codes_f16(words):
+    """An int8 cache tile read as int32 words of 4 codes, (BLOCK_N, D // 4), as exact fp16 (BLOCK_N, D), with no
+    int -> float conversion (a quarter-rate instruction, which made an int8 cache's attention slower than bf16's):
+    `prmt` puts two codes in the low bytes of two fp16 1024s (bits 0x64cc: the float 1024 + code) and one packed
+    subtraction removes the 1024s. Converting whole words before the tensor-core layout change also keeps the
+    compiler from reading the codes out of shared memory a byte at a time, which it does for a uint8 tile."""
+    c0, c1, c2, c3 = tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 lo, hi, magic;
+        mov.b32 magic, 0x64006400;
+        prmt.b32 lo, $4, 0x64646464, 0x4140;
+        prmt.b32 hi, $4, 0x64646464, 0x4342;
+        sub.rn.f16x2 lo, lo, magic;
+        sub.rn.f16x2 hi, hi, magic;
+        mov.b32 {$0, $1}, lo;
+        mov.b32 {$2, $3}, hi;
+        }""",
+        constraints="=h,=h,=h,=h,r", args=[words], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+        is_pure=True, pack=1)
+    codes = tl.join(tl.join(c0, c2), tl.join(c1, c3))  # (BLOCK_N, D // 4, 2, 2): code 2 * a + b at [a, b]
+    return tl.reshape(codes, (words.shape[0], words.shape[1] * 4))
+
+
+@triton.jit
 def _load_kv(cache_ptr, sz_ptr, kv_offs, sz_offs, kv_mask, n_mask, out_dtype, QUANT: tl.constexpr):
     """A (BLOCK_N, BLOCK_D) K or V tile; an int8 cache's codes dequantized with their (token, head) scale and zero
     (kernels/kv_int8.py) and rounded to the attention's dtype, as the twins dequantize."""

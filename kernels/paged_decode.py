@@ -6,18 +6,20 @@ zeros. The Triton path is split-K "flash decoding": programs (sequence, KV head,
 keys for all Hq/Hk query heads sharing that KV head, then a small kernel merges the splits; with one split the first
 kernel writes the output itself. Sizes come from shapes only, so the launch is CUDA-graph capturable. An int8 cache
 (`k_scale_zero` / `v_scale_zero`, kernels/kv_int8.py) is never dequantized element by element: the codes go to the
-tensor cores as they are (integers 0-255 are exact in bf16) and each key's scale and zero apply to its score
-(`q . (c s + z) = s (q . c) + z sum(q)`) and to its softmax weight (`sum p (c s + z) = (p s) . c + sum p z`), so
-no element is dequantized. Measured on an H200 (bench/gpu_quant.py, 7B, 2k context) an int8 step is still 8%
-(batch 1) to 32% (batch 32) slower than bf16's, with or without this: the int8 tiles' load and conversion path, not
-the dequantize arithmetic, is what costs, and is not solved yet. Not here:
+tensor cores as they are and each key's scale and zero apply to its score (`q . (c s + z) = s (q . c) + z sum(q)`)
+and to its softmax weight (`sum p (c s + z) = (p s) . c + sum p z`). On the GPU the codes are read as int32 words
+and made fp16 by bit arithmetic (`codes_f16`; integers 0-255 are exact in fp16), so q is scaled into [-1, 1] and
+rounded to fp16 (11 bits, more than bf16's 8), and p * scale likewise. Measured on an H200 (graph-timed kernel,
+2k-token context, D=128, 2026-12-01): batch 32 with 32 KV heads 301 us against bf16's 240 (was 440 with the codes
+converted by instruction), with 8 KV heads 88 against 77 (was 113); the rest of the int8 cost is the scale and
+zero reads and the fp16 staging. Not here:
 prefill or chunked prefill (`paged_prefill.py`), sliding windows, ALiBi, soft-capping.
 """
 
 import torch
 import torch.nn.functional as F
 
-from ._paged import _dot, _softmax_step, check_caches, sequence_kv
+from ._paged import _dot, _softmax_step, check_caches, codes_f16, sequence_kv
 from ._triton import triton, tl
 from .kv_int8 import check_quantized
 
@@ -67,6 +69,7 @@ def _paged_decode_kernel(
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT_KEYS: tl.constexpr,
     SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, QUANT: tl.constexpr,
+    F16_CODES: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -85,6 +88,11 @@ def _paged_decode_kernel(
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
 
     q_sum = tl.sum(q.to(tl.float32), axis=1)  # (BLOCK_G,): an int8 key's zero times it is the zero's share
+    # int8: the codes are multiplied in fp16 (exact there, and made without a conversion instruction), so q goes to
+    # fp16 too, each head's row over its largest |q| (in [-1, 1]: no overflow, 11 bits kept), its max applied after.
+    if F16_CODES:
+        q_max = tl.maximum(tl.max(tl.abs(q.to(tl.float32)), axis=1), 1e-30)
+        q16 = (q.to(tl.float32) / q_max[:, None]).to(tl.float16)
     # Every trip has at least one live key, so m is finite after the first and -inf is a safe start.
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
@@ -98,23 +106,35 @@ def _paged_decode_kernel(
         kv_offs = (page[:, None] * stride_cache_block + (n % PAGE_SIZE)[:, None] * (KV_HEADS * HEAD_DIM)
                    + kv_head * HEAD_DIM + d[None, :])
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        if QUANT:  # int8: the codes (exact in q's dtype) on the tensor cores, each key's scale and zero per key
+        if QUANT:  # int8: the codes on the tensor cores as they are, each key's scale and zero applied per key
             sz_offs = page * (PAGE_SIZE * KV_HEADS * 2) + (n % PAGE_SIZE) * (KV_HEADS * 2) + kv_head * 2
-            # (TRITON_INTERPRET, UPCAST_DOT: fp32, as the interpreter mishandles bf16 conversions)
-            k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0).to(tl.float32 if UPCAST_DOT else q.dtype)
             k_scale = tl.load(k_sz_ptr + sz_offs, mask=n_mask, other=0.0).to(tl.float32)
             k_zero = tl.load(k_sz_ptr + sz_offs + 1, mask=n_mask, other=0.0).to(tl.float32)
-            s = _dot(q, tl.trans(k), UPCAST_DOT, DOT_PRECISION)  # q . (code * scale + zero) per key:
-            s = (s * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]) * scale_log2
-            s = tl.where(n_mask[None, :], s, float("-inf"))
-            v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0).to(tl.float32 if UPCAST_DOT else q.dtype)
             v_scale = tl.load(v_sz_ptr + sz_offs, mask=n_mask, other=0.0).to(tl.float32)
             v_zero = tl.load(v_sz_ptr + sz_offs + 1, mask=n_mask, other=0.0).to(tl.float32)
+            if F16_CODES:  # the tiles as int32 words (4 codes each; D and the strides are multiples of 4)
+                dw = tl.arange(0, BLOCK_D // 4)
+                w_offs = (page[:, None] * stride_cache_block + (n % PAGE_SIZE)[:, None] * (KV_HEADS * HEAD_DIM)
+                          + kv_head * HEAD_DIM) // 4 + dw[None, :]
+                w_mask = n_mask[:, None] & (dw < HEAD_DIM // 4)[None, :]
+                k = codes_f16(tl.load(k_cache_ptr.to(tl.pointer_type(tl.int32)) + w_offs, mask=w_mask, other=0))
+                v = codes_f16(tl.load(v_cache_ptr.to(tl.pointer_type(tl.int32)) + w_offs, mask=w_mask, other=0))
+                s = tl.dot(q16, tl.trans(k)) * q_max[:, None]
+            else:  # fp32 (exact), or TRITON_INTERPRET (UPCAST_DOT: it mishandles half precision)
+                k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0).to(tl.float32 if UPCAST_DOT else q.dtype)
+                v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0).to(tl.float32 if UPCAST_DOT else q.dtype)
+                s = _dot(q, tl.trans(k), UPCAST_DOT, DOT_PRECISION)
+            s = (s * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]) * scale_log2  # q . (code * scale + zero)
+            s = tl.where(n_mask[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(s - m_new[:, None])
             l = l * alpha + tl.sum(p, axis=1)
-            pv = _dot((p * v_scale[None, :]).to(q.dtype).to(v.dtype), v, UPCAST_DOT, DOT_PRECISION)
+            if F16_CODES:  # p * scale over the tile's largest scale lies in [0, 1], where fp16 keeps 11 bits
+                v_max = tl.maximum(tl.max(v_scale, axis=0), 1e-30)
+                pv = tl.dot((p * (v_scale / v_max)[None, :]).to(tl.float16), v) * v_max
+            else:
+                pv = _dot((p * v_scale[None, :]).to(q.dtype).to(v.dtype), v, UPCAST_DOT, DOT_PRECISION)
             acc = acc * alpha[:, None] + pv + tl.sum(p * v_zero[None, :], axis=1)[:, None]
             m = m_new
         else:
@@ -211,7 +231,10 @@ def paged_decode_attention_triton(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32: no silent TF32
         UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,  # CPU tensors mean TRITON_INTERPRET
         QUANT=quantized,
-        num_warps=4, num_stages=3,  # BLOCK_N, warps and stages: the best of a sweep on an H100 (bf16, D=128)
+        # int8 codes through fp16 where they can be: a half-precision q, a GPU, whole words (D, strides % 4)
+        F16_CODES=quantized and q.dtype != torch.float32 and q.is_cuda and D % 4 == 0 and k_cache.stride(0) % 4 == 0,
+        # BLOCK_N, warps and stages: the best of a sweep on an H100 (bf16, D=128); an int8 cache's on an H200
+        num_warps=4, num_stages=2 if quantized else 3,
     )
     if split:
         _paged_decode_merge_kernel[(B, Hq)](

@@ -9,6 +9,8 @@ its epilogue.
 Scales are applied per group, not per weight: `sum_k (q*s + z) * x = s * sum_k q*x + z * sum_k x` over a group, so
 a tile multiplies integers by activations and scales once per (row, group). The launcher picks BLOCK_K so that a
 tile holds whole groups or lies inside one: group sizes must be powers of two, or K (per output channel).
+The weight is read as int32 words (8 nibbles or 4 bytes) and each code becomes a float by bit arithmetic
+(`_plane_dot`), not by a conversion instruction: on an H200 that took the 4-bit GEMV from 1.0-1.4 to 1.2-1.9 TB/s.
 The twins are gemv.py's (`_linear` dequantizes, kernels/quant_weight.py); GPU numerics differ from them only in
 summation order and in never rounding the dequantized weight to x's dtype.
 """
@@ -46,13 +48,64 @@ def _x_at(x_ptr, norm_w_ptr, perm_ptr, k, k_mask, K, rstd,
 
 
 @triton.jit
+def _plane_dot(q, xj, j: tl.constexpr, BITS: tl.constexpr):
+    """(BLOCK_N, BLOCK_W): code j of each int32 word of q (4 bits: nibble j; 8 bits: byte j, signed) times xj, the
+    input of its column. No int -> float conversion (a quarter-rate instruction that bounded this GEMV): the code,
+    masked where it lies (bit BITS * e), is ORed into the mantissa of 2^23, which makes the float 2^23 + code * 2^(BITS
+    * e) exactly; 2^23 is subtracted and xj scaled by 2^-(BITS * e), exact too. Codes lying too high for the 23-bit
+    mantissa are shifted down first (the top 3 nibbles by 20 bits, the top 2 bytes by 16); bytes have their sign
+    bits flipped (code + 128) and the 128 is subtracted with 2^23."""
+    LOW: tl.constexpr = 5 if BITS == 4 else 2  # codes 0..LOW-1 fit where they lie
+    if BITS == 8:
+        q = q ^ -2139062144  # 0x80808080
+    if j < LOW:
+        e: tl.constexpr = j
+        src = q
+    else:
+        e: tl.constexpr = j - LOW
+        src = q >> (BITS * LOW)
+    code = ((src & (((1 << BITS) - 1) << (BITS * e))) | 0x4B000000).to(tl.float32, bitcast=True)
+    if BITS == 4:
+        code -= 8388608.0
+    else:
+        code -= 8388608.0 + 128.0 * (1 << (8 * e))
+    return code * (xj * (1.0 / (1 << (BITS * e))))[None, :]
+
+
+@triton.jit
+def _words_dot(q, xw, BLOCK_W: tl.constexpr, BITS: tl.constexpr):
+    """sum_j code_j(q[n, w]) * xw[w, j]: (BLOCK_N, BLOCK_W) int32 words against their columns' inputs (BLOCK_W, PER),
+    which are split into code planes in registers (x read contiguously, once per program)."""
+    if BITS == 4:
+        a, b = tl.split(tl.reshape(xw, (BLOCK_W, 2, 2, 2)))  # the last axis splits first: j % 2
+        a0, a1 = tl.split(a)
+        b0, b1 = tl.split(b)
+        x0, x4 = tl.split(a0)
+        x2, x6 = tl.split(a1)
+        x1, x5 = tl.split(b0)
+        x3, x7 = tl.split(b1)
+        qx = _plane_dot(q, x0, 0, BITS) + _plane_dot(q, x1, 1, BITS) + _plane_dot(q, x2, 2, BITS)
+        qx += _plane_dot(q, x3, 3, BITS) + _plane_dot(q, x4, 4, BITS) + _plane_dot(q, x5, 5, BITS)
+        qx += _plane_dot(q, x6, 6, BITS) + _plane_dot(q, x7, 7, BITS)
+    else:
+        a, b = tl.split(tl.reshape(xw, (BLOCK_W, 2, 2)))
+        x0, x2 = tl.split(a)
+        x1, x3 = tl.split(b)
+        qx = _plane_dot(q, x0, 0, BITS) + _plane_dot(q, x1, 1, BITS) + _plane_dot(q, x2, 2, BITS)
+        qx += _plane_dot(q, x3, 3, BITS)
+    return qx
+
+
+@triton.jit
 def _quant_gemv_kernel(
     x_ptr, norm_w_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, res_ptr, y_ptr,
     N, K, stride_qn, stride_sn, eps,
     BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, STAGES: tl.constexpr,
 ):
+    """q_ptr: the packed weight read as int32 words (stride_qn words a row); word w holds columns PER * w + j,
+    j < PER, code j in bits [BITS * j, BITS * (j + 1)) (kernels/quant_weight.py's bytes, little-endian)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     rstd = 0.0
@@ -63,28 +116,23 @@ def _quant_gemv_kernel(
             xk = tl.load(x_ptr + k0 + cols, mask=(k0 + cols) < K, other=0.0).to(tl.float32)
             sq += xk * xk
         rstd = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
-    PACK: tl.constexpr = 2 if BITS == 4 else 1
-    BLOCK_C: tl.constexpr = BLOCK_K // PACK  # stored columns (bytes) per step
-    c = tl.arange(0, BLOCK_C)
+    PER: tl.constexpr = 32 // BITS  # codes a word
+    BLOCK_W: tl.constexpr = BLOCK_K // PER  # words a row a step
+    wi = tl.arange(0, BLOCK_W)
     q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qn  # (BLOCK_N, 1)
     s_rows = s_ptr + rows.to(tl.int64)[:, None] * stride_sn
     z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_sn
-    acc = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)  # reduced over K once, after the loop
-    xsum = tl.zeros((BLOCK_C,), tl.float32)  # per-row mode: sum of x, for the zeros
+    acc = tl.zeros((BLOCK_N, BLOCK_W), tl.float32)  # reduced over K once, after the loop
+    xsum = tl.zeros((BLOCK_W,), tl.float32)  # per-row mode: sum of x, for the zeros
     acc_g = tl.zeros((BLOCK_N, NG), tl.float32)  # groups-in-tile mode: per (row, group of the tile)
-    for k0 in range(0, K, BLOCK_K):
-        col = k0 // PACK + c
-        col_mask = col < K // PACK
-        q = tl.load(q_rows + col[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0)
-        if BITS == 4:
-            pair = 2 * col[:, None] + tl.arange(0, 2)[None, :]  # (BLOCK_C, 2): x read contiguously, then split
-            x_lo, x_hi = tl.split(_x_at(x_ptr, norm_w_ptr, perm_ptr, pair, col_mask[:, None], K, rstd, PROLOGUE,
-                                        HAS_PERM))
-            qx = (q & 0xF).to(tl.float32) * x_lo[None, :] + (q >> 4).to(tl.float32) * x_hi[None, :]
-            xs = x_lo + x_hi
-        else:
-            xs = _x_at(x_ptr, norm_w_ptr, perm_ptr, col, col_mask, K, rstd, PROLOGUE, HAS_PERM)
-            qx = q.to(tl.float32) * xs[None, :]
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        word = k0 // PER + wi
+        w_mask = word < K // PER
+        q = tl.load(q_rows + word[None, :], mask=row_mask[:, None] & w_mask[None, :], other=0)
+        xw = _x_at(x_ptr, norm_w_ptr, perm_ptr, word[:, None] * PER + tl.arange(0, PER)[None, :],
+                   w_mask[:, None], K, rstd, PROLOGUE, HAS_PERM)  # (BLOCK_W, PER): the step's columns in order
+        xs = tl.sum(xw, axis=1)
+        qx = _words_dot(q, xw, BLOCK_W, BITS)
         if MODE == 0:  # one scale per row: applied after the loop
             acc += qx
             xsum += xs
@@ -98,10 +146,10 @@ def _quant_gemv_kernel(
             g = k0 // GROUP + tl.arange(0, NG)
             g_mask = row_mask[:, None] & (g[None, :] < K // GROUP)
             s = tl.load(s_rows + g[None, :], mask=g_mask, other=0.0).to(tl.float32)  # (BLOCK_N, NG)
-            part = tl.sum(tl.reshape(qx, (BLOCK_N, NG, GROUP // PACK)), axis=2) * s
+            part = tl.sum(tl.reshape(qx, (BLOCK_N, NG, GROUP // PER)), axis=2) * s
             if HAS_ZERO:
                 z = tl.load(z_rows + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
-                part += z * tl.sum(tl.reshape(xs, (NG, GROUP // PACK)), axis=1)[None, :]
+                part += z * tl.sum(tl.reshape(xs, (NG, GROUP // PER)), axis=1)[None, :]
             acc_g += part
     y = tl.sum(acc, axis=1) + tl.sum(acc_g, axis=1)  # (BLOCK_N,)
     if MODE == 0:
@@ -122,41 +170,41 @@ def group_mode(w: QuantWeight, block_k: int) -> int | None:
     G = w.group_size
     if G == K:
         return _MODE_PER_ROW
-    if G & (G - 1):
+    if G & (G - 1) or G < 32 // w.bits:  # a group is whole int32 words of codes
         return None
     return _MODE_TILE_IN_GROUP if G >= block_k else _MODE_GROUPS_IN_TILE
 
 
-def _block_sizes(w: QuantWeight) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) by measurement on an H200 (bench/quant_sweep.py, Llama-2-7B projections):
-    enough rows a program that the input (and its norm / SwiGLU prologue) is re-read little, a K step of a few
-    hundred columns, and at least ~2 programs per SM."""
+def _block_sizes(w: QuantWeight) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages): GEMV_TILES, with fewer rows a program for a short N so that
+    there are at least ~2 programs per SM, and a K step no longer than K."""
     N, K = w.shape
-    block_n, block_k, warps = GEMV_TILES[w.bits]
+    block_n, block_k, warps, stages = GEMV_TILES[w.bits]
     while block_n > 4 and triton.cdiv(N, block_n) < 256:
         block_n //= 2
-    return block_n, max(min(block_k, triton.next_power_of_2(K)), 32), warps
+    return block_n, max(min(block_k, triton.next_power_of_2(K)), 32), warps, stages
 
 
-# bits -> (BLOCK_N, BLOCK_K, num_warps) of the one-row GEMV: the least total time over the 7B projections in
-# bench/quant_sweep.py on an H200 (4-bit: 56-70 us a projection, from 108-123 us with per-column scale reads).
-GEMV_TILES = {4: (16, 1024, 8), 8: (16, 512, 8)}
+# bits -> (BLOCK_N, BLOCK_K, num_warps, num_stages) of the one-row GEMV: the least total time over the Llama-2-7B
+# projections in `python -m bench.quant_sweep` on an H200 (graph-timed, weights past the L2 cache), 2026-12-01:
+# 4-bit 7.3-25.8 us a projection (1.2-1.9 TB/s of packed weight), 8-bit 7.8-28 us (2.2-3.3 TB/s).
+GEMV_TILES = {4: (8, 2048, 4, 1), 8: (16, 512, 4, 3)}
 
 
 def _quant_gemv(x, w: QuantWeight, bias, residual, prologue, norm_weight=None, eps=0.0, tiles=None):
     N, K = w.shape
-    BLOCK_N, BLOCK_K, warps, *mode = tiles or _block_sizes(w)
-    mode = mode[0] if mode else group_mode(w, BLOCK_K)
+    BLOCK_N, BLOCK_K, warps, stages = tiles or _block_sizes(w)
     y = torch.empty((1, N), dtype=x.dtype, device=x.device)
+    words = w.qweight.view(torch.int32)  # _gemv_ok: rows of whole, aligned words
     _quant_gemv_kernel[(triton.cdiv(N, BLOCK_N),)](
-        x, norm_weight if norm_weight is not None else x, w.qweight, w.scales,
+        x, norm_weight if norm_weight is not None else x, words, w.scales,
         w.zeros if w.zeros is not None else w.scales, w.perm if w.perm is not None else x,
         bias if bias is not None else x, residual if residual is not None else x, y,
-        N, K, w.qweight.stride(0), w.scales.stride(0), eps,
-        BITS=w.bits, GROUP=w.group_size, MODE=mode, HAS_ZERO=w.zeros is not None,
+        N, K, words.stride(0), w.scales.stride(0), eps,
+        BITS=w.bits, GROUP=w.group_size, MODE=group_mode(w, BLOCK_K), HAS_ZERO=w.zeros is not None,
         HAS_PERM=w.perm is not None, PROLOGUE=prologue, HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, NG=max(BLOCK_K // w.group_size, 1),
-        num_warps=warps, num_stages=3,
+        STAGES=stages, num_warps=warps,
     )
     return y
 
@@ -177,7 +225,10 @@ def _check(x, w: QuantWeight, k_in, bias=None, residual=None):
 
 
 def _gemv_ok(x, w: QuantWeight) -> bool:
-    return x.shape[0] == 1 and x.is_contiguous() and group_mode(w, _block_sizes(w)[1]) is not None
+    """One contiguous row, a group size the tiles take, and a weight readable as int32 words (rows of whole words,
+    4-byte aligned)."""
+    words_ok = w.qweight.shape[1] % 4 == 0 and w.qweight.data_ptr() % 4 == 0
+    return x.shape[0] == 1 and x.is_contiguous() and words_ok and group_mode(w, _block_sizes(w)[1]) is not None
 
 
 def _linear_rows(x, w: QuantWeight, bias, residual=None):

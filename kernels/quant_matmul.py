@@ -4,8 +4,10 @@ Batched decode and prefill on the GPU. Up to DEQUANT_CUBLAS_ROWS rows (batched d
 kernel: each program owns a (BLOCK_M, BLOCK_N) output tile and walks K in steps inside one group, loading the packed
 tile (K contiguous per row, 4-bit nibbles split with `tl.join`), dequantizing it in fp32 with the group's scale and
 zero, rounding it once to x's dtype (as the twin does) and multiplying on the tensor cores; the weight is read once
-per BLOCK_M rows, so a 4-bit batch-32 step reads a quarter of bf16's bytes. More rows (prefill: compute-bound): the
-weight is dequantized by `dequantize_triton` and multiplied by cuBLAS.
+per BLOCK_M rows, so a 4-bit batch-32 step reads a quarter of bf16's bytes. Few output columns (N = 4,096) leave too
+few programs for the GPU, so K is split among SPLIT_K programs per tile, whose fp32 partials a second kernel sums in a
+fixed order (the result does not depend on which program finishes first) before the bias and residual epilogue.
+More rows (prefill: compute-bound): the weight is dequantized by `dequantize_triton` and multiplied by cuBLAS.
 
 The twin is `kernels.quant_weight.quant_linear_torch` (+ residual): the weight dequantized to x's dtype and
 nn.Linear. Not here: one-row GEMVs (kernels/quant_gemv.py), the CPU path (kernels/quant_cpu.py).
@@ -24,16 +26,37 @@ def quant_matmul_torch(x, w: QuantWeight, bias=None, residual=None):
 
 
 @triton.jit
+def _epilogue(acc, rm, rn, bias_ptr, res_ptr, y_ptr, M, N, stride_rm, stride_ym,
+              HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """y = [residual +] round(acc [+ bias]) for an fp32 (rows rm, columns rn) tile of the product."""
+    m_mask, n_mask = rm < M, rn < N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RESIDUAL:  # the product rounded to y's dtype, then added: the twin's `residual + linear(x)`
+        res = tl.load(res_ptr + rm.to(tl.int64)[:, None] * stride_rm + rn[None, :], mask=out_mask, other=0.0)
+        acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32) + res.to(tl.float32)
+    tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=out_mask)
+
+
+@triton.jit
 def _quant_matmul_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, res_ptr, y_ptr,
+    x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, res_ptr, y_ptr, part_ptr,
     M, N, K, stride_xm, stride_qn, stride_sn, stride_rm, stride_ym,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
+    """With SPLIT_K > 1, program (i, j, split) reduces its share of K's steps and writes the fp32 partial to
+    part[split] (SPLIT_K, M, N); `_split_k_sum_kernel` adds them up in split order (deterministic) and finishes."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = rm < M, rn < N
+    steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)  # K steps of each split
+    k_lo = tl.program_id(2) * steps * BLOCK_K
+    k_hi = tl.minimum(K, k_lo + steps * BLOCK_K)
     PACK: tl.constexpr = 2 if BITS == 4 else 1
     BLOCK_C: tl.constexpr = BLOCK_K // PACK
     x_dtype = x_ptr.dtype.element_ty
@@ -42,7 +65,7 @@ def _quant_matmul_kernel(
     s_rows = s_ptr + rn.to(tl.int64) * stride_sn
     z_rows = z_ptr + rn.to(tl.int64) * stride_sn
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, K, BLOCK_K):  # BLOCK_K divides GROUP: one scale (and zero) per row and step
+    for k0 in range(k_lo, k_hi, BLOCK_K):  # BLOCK_K divides GROUP: one scale (and zero) per row and step
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < K
         xk = tl.load(perm_ptr + k, mask=k_mask, other=0) if HAS_PERM else k
@@ -62,14 +85,25 @@ def _quant_matmul_kernel(
             acc += tl.dot(a, tl.trans(w), input_precision="ieee")
         else:
             acc += tl.dot(a, tl.trans(w))
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if HAS_RESIDUAL:  # the product rounded to x's dtype, then added: the twin's `residual + linear(x)`
-        res = tl.load(res_ptr + rm.to(tl.int64)[:, None] * stride_rm + rn[None, :], mask=out_mask, other=0.0)
-        acc = acc.to(x_dtype).to(tl.float32) + res.to(tl.float32)
-    tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=out_mask)
+    if SPLIT_K == 1:
+        _epilogue(acc, rm, rn, bias_ptr, res_ptr, y_ptr, M, N, stride_rm, stride_ym, HAS_BIAS, HAS_RESIDUAL)
+    else:
+        part = part_ptr + (tl.program_id(2) * M + rm.to(tl.int64))[:, None] * N + rn[None, :]
+        tl.store(part, acc, mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _split_k_sum_kernel(part_ptr, bias_ptr, res_ptr, y_ptr, M, N, stride_rm, stride_ym,
+                        SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for split in tl.static_range(SPLIT_K):
+        acc += tl.load(part_ptr + split * M * N + offs, mask=mask, other=0.0)
+    _epilogue(acc, rm, rn, bias_ptr, res_ptr, y_ptr, M, N, stride_rm, stride_ym, HAS_BIAS, HAS_RESIDUAL)
 
 
 @triton.jit
@@ -106,19 +140,28 @@ def dequantize_triton(w: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _tiles(M: int, w: QuantWeight) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by measurement on an H200 (bench/quant_sweep.py). BLOCK_K
-    divides the group (a per-channel weight is one group of K)."""
+def _tiles(M: int, w: QuantWeight) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K) from GEMM_TILES; BLOCK_K divides the group (a
+    per-channel weight is one group of K)."""
     N, K = w.shape
-    block_m, block_n, block_k, warps, stages = GEMM_TILES[16 if M <= 16 else 32 if M <= 32 else 64]
-    while w.group_size != K and w.group_size % block_k:  # per-channel: one group, any step
+    block_m, block_n, block_k, warps, stages, split = GEMM_TILES[16 if M <= 16 else 32 if M <= 32 else 64][N >= WIDE_N]
+    while w.group_size != K and w.group_size % block_k:
         block_k //= 2
-    return block_m, block_n, block_k, warps, stages
+    if M > DEQUANT_CUBLAS_ROWS:  # an act-order prefill (see quant_matmul_triton): programs enough without a split
+        split = 1
+    return block_m, block_n, block_k, warps, stages, split
 
 
-# rows (<=) -> tiles of the fused dequantize-GEMM; past DEQUANT_CUBLAS_ROWS rows the weight is dequantized to x's
-# dtype by `dequantize_triton` and multiplied by cuBLAS (prefill: compute-bound, where cuBLAS wins).
-GEMM_TILES = {16: (16, 64, 128, 8, 4), 32: (32, 64, 128, 4, 3), 64: (32, 64, 128, 4, 3)}
+# rows (<=) -> (tiles for N < WIDE_N, tiles for N >= WIDE_N) of the fused dequantize-GEMM, (BLOCK_M, BLOCK_N, BLOCK_K,
+# warps, stages, SPLIT_K), measured on an H200 with `python -m bench.quant_sweep` (graph-timed, weights past the L2
+# cache; 2026-12-01): few output columns want narrow tiles and K split 4 ways, so that enough programs share the work
+# (o_proj / down_proj at N=4096: down_proj at 16 rows 56 -> 27 us, at 32 rows 66 -> 45 us), many want wide ones.
+# Past DEQUANT_CUBLAS_ROWS rows the weight is dequantized to x's dtype by `dequantize_triton` and multiplied by
+# cuBLAS (prefill: compute-bound, where cuBLAS wins).
+GEMM_TILES = {16: ((16, 32, 128, 4, 4, 4), (16, 32, 128, 4, 4, 2)),
+              32: ((16, 32, 128, 4, 4, 4), (32, 64, 128, 4, 3, 2)),
+              64: ((32, 64, 128, 4, 3, 4), (64, 32, 128, 4, 3, 1))}
+WIDE_N = 8192
 DEQUANT_CUBLAS_ROWS = 64
 
 
@@ -141,16 +184,23 @@ def quant_matmul_triton(x, w: QuantWeight, bias=None, residual=None, tiles=None)
     if x.is_cuda and M > DEQUANT_CUBLAS_ROWS and tiles is None and w.perm is None:  # act-order: the fused kernel
         y = F.linear(x, dequantize_triton(w, x.dtype), bias)
         return y if residual is None else residual + y
-    BLOCK_M, BLOCK_N, BLOCK_K, warps, stages = tiles or _tiles(M, w)
-    _quant_matmul_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))](
+    BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split_k = tiles or _tiles(M, w)
+    split_k = max(min(split_k, triton.cdiv(K, BLOCK_K)), 1)
+    part = torch.empty((split_k, M, N) if split_k > 1 else (1,), dtype=torch.float32, device=x.device)
+    bias_arg, res_arg = bias if bias is not None else x, residual if residual is not None else x
+    res_stride = residual.stride(0) if residual is not None else 0
+    _quant_matmul_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N), split_k)](
         x, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, w.perm if w.perm is not None else x,
-        bias if bias is not None else x, residual if residual is not None else x, y,
-        M, N, K, x.stride(0), w.qweight.stride(0), w.scales.stride(0),
-        residual.stride(0) if residual is not None else 0, y.stride(0),
+        bias_arg, res_arg, y, part,
+        M, N, K, x.stride(0), w.qweight.stride(0), w.scales.stride(0), res_stride, y.stride(0),
         BITS=w.bits, GROUP=w.group_size, HAS_ZERO=w.zeros is not None, HAS_PERM=w.perm is not None,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=split_k,
         UPCAST_DOT=x.device.type == "cpu" and x.dtype != torch.float32,  # CPU tensors mean TRITON_INTERPRET
         num_warps=warps, num_stages=stages,
     )
+    if split_k > 1:
+        _split_k_sum_kernel[(triton.cdiv(M, 16), triton.cdiv(N, 128))](
+            part, bias_arg, res_arg, y, M, N, res_stride, y.stride(0), SPLIT_K=split_k,
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, BLOCK_M=16, BLOCK_N=128, num_warps=4)
     return y

@@ -23,20 +23,24 @@ def main():
     for bits, group, mode, zero, perm, pro in [(4, 32, 2, True, False, 1), (4, 128, 1, True, True, 2),
                                                (8, 4096, 0, False, False, 0), (8, 32, 2, False, True, 1)]:
         compile_one(qg._quant_gemv_kernel,
-                    dict(x_ptr=BF16, norm_w_ptr=BF16, q_ptr="*u8" if bits == 4 else "*i8", s_ptr="*fp32",
+                    dict(x_ptr=BF16, norm_w_ptr=BF16, q_ptr="*i32", s_ptr="*fp32",
                          z_ptr="*fp32", perm_ptr="*i64", bias_ptr=BF16, res_ptr=BF16, y_ptr=BF16, eps="fp32"),
                     dict(BITS=bits, GROUP=group, MODE=mode, HAS_ZERO=zero, HAS_PERM=perm, PROLOGUE=pro,
-                         HAS_BIAS=True, HAS_RESIDUAL=True, BLOCK_N=16, BLOCK_K=1024, NG=max(1024 // group, 1)))
+                         HAS_BIAS=True, HAS_RESIDUAL=True, BLOCK_N=16, BLOCK_K=1024, NG=max(1024 // group, 1),
+                         STAGES=1 if bits == 4 else 3))
     for bits, group, zero, perm, block_m in [(4, 32, True, False, 16), (4, 128, True, True, 32),
                                              (8, 4096, False, False, 64)]:
         compile_one(qm._quant_matmul_kernel,
                     dict(x_ptr=BF16, q_ptr="*u8" if bits == 4 else "*i8", s_ptr="*fp32", z_ptr="*fp32",
-                         perm_ptr="*i64", bias_ptr=BF16, res_ptr=BF16, y_ptr=BF16),
+                         perm_ptr="*i64", bias_ptr=BF16, res_ptr=BF16, y_ptr=BF16, part_ptr="*fp32"),
                     dict(BITS=bits, GROUP=group, HAS_ZERO=zero, HAS_PERM=perm, HAS_BIAS=False, HAS_RESIDUAL=True,
-                         BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=min(group, 128), UPCAST_DOT=False))
+                         BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=min(group, 128), SPLIT_K=1 if perm else 4,
+                         UPCAST_DOT=False))
         compile_one(qm._dequantize_kernel,
                     dict(q_ptr="*u8" if bits == 4 else "*i8", s_ptr="*fp32", z_ptr="*fp32", w_ptr=BF16),
                     dict(BITS=bits, GROUP=group, HAS_ZERO=zero, BLOCK_N=16, BLOCK_K=256))
+    compile_one(qm._split_k_sum_kernel, dict(part_ptr="*fp32", bias_ptr=BF16, res_ptr=BF16, y_ptr=BF16),
+                dict(SPLIT_K=4, HAS_BIAS=True, HAS_RESIDUAL=True, BLOCK_M=16, BLOCK_N=128))
     for quant in (False, True):
         cache = "*u8" if quant else BF16
         compile_one(ks._rope_store_kv_kernel,
@@ -48,7 +52,8 @@ def main():
                          block_tables_ptr="*i32", seq_lens_ptr="*i32", out_ptr=BF16, part_out_ptr="*fp32",
                          part_lse_ptr="*fp32", scale_log2="fp32"),
                     dict(KV_HEADS=8, GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, PAGE_SIZE=16, BLOCK_N=64,
-                         MIN_SPLIT_KEYS=64, SPLIT=True, DOT_PRECISION="tf32", UPCAST_DOT=False, QUANT=quant))
+                         MIN_SPLIT_KEYS=64, SPLIT=True, DOT_PRECISION="tf32", UPCAST_DOT=False, QUANT=quant,
+                         F16_CODES=quant))
         compile_one(pp._paged_prefill_kernel,
                     dict(q_ptr=BF16, k_cache_ptr=cache, v_cache_ptr=cache, k_sz_ptr="*fp16", v_sz_ptr="*fp16",
                          block_tables_ptr="*i32", cu_seqlens_q_ptr="*i32", seq_lens_ptr="*i32", out_ptr=BF16,

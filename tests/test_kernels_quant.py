@@ -142,6 +142,20 @@ def test_triton_gemm_prefill_sizes(M, fmt):
     _close(quant_matmul_triton(x, w, None, residual), quant_matmul_torch(x, w, None, residual), dtype)
 
 
+@needs_triton
+@pytest.mark.parametrize("fmt", FORMATS[1:3] + FORMATS[4:5], ids=FORMAT_IDS[1:3] + FORMAT_IDS[4:5])
+@pytest.mark.parametrize("split_k", [2, 3, 64])  # 3: the steps do not divide evenly; 64: more splits than steps
+def test_triton_gemm_split_k_matches_twin(split_k, fmt):
+    """Split-K: each split's fp32 partial, summed in order by a second kernel that adds bias and residual."""
+    dtype = torch.bfloat16
+    w = random_quant(41, 1152, *fmt, dtype=dtype)
+    x = torch.randn(5, 1152, device=DEVICE, dtype=dtype)
+    bias = torch.randn(41, device=DEVICE, dtype=dtype)
+    residual = torch.randn(5, 41, device=DEVICE, dtype=dtype)
+    y = quant_matmul_triton(x, w, bias, residual, tiles=(16, 32, 64, 4, 2, split_k))
+    _close(y, quant_matmul_torch(x, w, bias, residual), dtype)
+
+
 @pytest.mark.parametrize("fmt", [(4, 32, False, False), (4, 128, False, True), (4, 64, True, False),
                                  (8, "K", True, False), (8, "K", True, True)])
 @pytest.mark.parametrize("T", [1, 5])
