@@ -231,8 +231,9 @@ def paged_decode_attention_triton(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32: no silent TF32
         UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,  # CPU tensors mean TRITON_INTERPRET
         QUANT=quantized,
-        # int8 codes through fp16 where they can be: a half-precision q, a GPU, whole words (D, strides % 4)
-        F16_CODES=quantized and q.dtype != torch.float32 and q.is_cuda and D % 4 == 0 and k_cache.stride(0) % 4 == 0,
+        # int8 codes through fp16 where they can be: a half-precision q, a GPU, whole aligned words
+        F16_CODES=quantized and q.dtype != torch.float32 and q.is_cuda and D % 4 == 0 and k_cache.stride(0) % 4 == 0
+        and k_cache.data_ptr() % 4 == 0 and v_cache.data_ptr() % 4 == 0,
         # BLOCK_N, warps and stages: the best of a sweep on an H100 (bf16, D=128); an int8 cache's on an H200
         num_warps=4, num_stages=2 if quantized else 3,
     )

@@ -10,7 +10,7 @@ Scales are applied per group, not per weight: `sum_k (q*s + z) * x = s * sum_k q
 a tile multiplies integers by activations and scales once per (row, group). The launcher picks BLOCK_K so that a
 tile holds whole groups or lies inside one: group sizes must be powers of two, or K (per output channel).
 The weight is read as int32 words (8 nibbles or 4 bytes) and each code becomes a float by bit arithmetic
-(`_plane_dot`), not by a conversion instruction: on an H200 that took the 4-bit GEMV from 1.0-1.4 to 1.2-1.9 TB/s.
+(`_plane_dot`), not by a conversion instruction: on an H200 that took the 4-bit GEMV from 0.9-1.4 to 1.1-1.9 TB/s.
 The twins are gemv.py's (`_linear` dequantizes, kernels/quant_weight.py); GPU numerics differ from them only in
 summation order and in never rounding the dequantized weight to x's dtype.
 """

@@ -132,6 +132,16 @@ def test_triton_matches_twin_every_shape(T, N, K, op, bias, poison_empty):
 
 
 @needs_triton
+@pytest.mark.parametrize("op, bias", OPS)
+@pytest.mark.parametrize("fmt, K", [((4, "K", False, False), 36), ((8, "K", True, False), 18)],
+                         ids=["int4-18-bytes", "int8-18-bytes"])
+def test_gemv_rows_not_whole_words_take_the_other_path(K, fmt, op, bias, poison_empty):
+    """The one-row GEMV reads a weight as int32 words: rows of 18 bytes are not, so the op goes the several-rows way
+    (and still matches the twin)."""
+    _check_op(1, 9, K, torch.float32, fmt, op, bias)
+
+
+@needs_triton
 @pytest.mark.parametrize("fmt", FORMATS[:2] + FORMATS[4:5], ids=FORMAT_IDS[:2] + FORMAT_IDS[4:5])
 @pytest.mark.parametrize("M", [17, 70])  # past one 16- and one 64-row tile
 def test_triton_gemm_prefill_sizes(M, fmt):
