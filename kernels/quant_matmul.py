@@ -16,6 +16,7 @@ nn.Linear. Not here: one-row GEMVs (kernels/quant_gemv.py), the CPU path (kernel
 import torch
 import torch.nn.functional as F
 
+from ._paged import _dot
 from ._triton import triton, tl
 from .quant_weight import QuantWeight, quant_linear_torch
 
@@ -47,7 +48,7 @@ def _quant_matmul_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """With SPLIT_K > 1, program (i, j, split) reduces its share of K's steps and writes the fp32 partial to
     part[split] (SPLIT_K, M, N); `_split_k_sum_kernel` adds them up in split order (deterministic) and finishes."""
@@ -79,12 +80,7 @@ def _quant_matmul_kernel(
         if HAS_ZERO:
             w += tl.load(z_rows + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
         w = w.to(x_dtype)  # the twin's weight, dequantized in fp32 and rounded once to x's dtype
-        if UPCAST_DOT:  # TRITON_INTERPRET mishandles bf16 dots: the same products in fp32
-            acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-        elif x_dtype == tl.float32:
-            acc += tl.dot(a, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(a, tl.trans(w))
+        acc += _dot(a, tl.trans(w), UPCAST_DOT, DOT_PRECISION)
     if SPLIT_K == 1:
         _epilogue(acc, rm, rn, bias_ptr, res_ptr, y_ptr, M, N, stride_rm, stride_ym, HAS_BIAS, HAS_RESIDUAL)
     else:
@@ -196,6 +192,7 @@ def quant_matmul_triton(x, w: QuantWeight, bias=None, residual=None, tiles=None)
         BITS=w.bits, GROUP=w.group_size, HAS_ZERO=w.zeros is not None, HAS_PERM=w.perm is not None,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=split_k,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 stays fp32: no silent TF32
         UPCAST_DOT=x.device.type == "cpu" and x.dtype != torch.float32,  # CPU tensors mean TRITON_INTERPRET
         num_warps=warps, num_stages=stages,
     )

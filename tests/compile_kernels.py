@@ -35,7 +35,7 @@ def main():
                          perm_ptr="*i64", bias_ptr=BF16, res_ptr=BF16, y_ptr=BF16, part_ptr="*fp32"),
                     dict(BITS=bits, GROUP=group, HAS_ZERO=zero, HAS_PERM=perm, HAS_BIAS=False, HAS_RESIDUAL=True,
                          BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=min(group, 128), SPLIT_K=1 if perm else 4,
-                         UPCAST_DOT=False))
+                         DOT_PRECISION="tf32", UPCAST_DOT=False))
         compile_one(qm._dequantize_kernel,
                     dict(q_ptr="*u8" if bits == 4 else "*i8", s_ptr="*fp32", z_ptr="*fp32", w_ptr=BF16),
                     dict(BITS=bits, GROUP=group, HAS_ZERO=zero, BLOCK_N=16, BLOCK_K=256))
