@@ -62,6 +62,11 @@ def answer_text(page) -> str:
     )
 
 
+def chat_text(page) -> str:
+    """Everything the chat shows, user and bot bubbles in order: what a failing test reports."""
+    return page.locator("#chatbot").inner_text()
+
+
 def stats_lines(page) -> list[str]:
     return [t for t in page.locator(STATS).all_inner_texts() if "tokens/s" in t]
 
@@ -174,9 +179,14 @@ def test_an_invalid_seed_is_answered_in_the_chat_and_a_valid_one_works(page):
     seed = page.get_by_role("spinbutton", name="Seed", exact=True)
     seed.wait_for(state="visible")
     seed.fill("1e20")  # past the box's maximum (the engine's SEED_MAX): the page sends it, the chat answers it
+    seed.press("Tab")  # the box's change is committed before the message goes
+    assert seed.input_value() == "1e20"
     page.fill("#chat-input textarea", "Say hello in one word.")
     page.press("#chat-input textarea", "Enter")
-    page.wait_for_selector(f"{STATS}:has-text('Check the settings')", timeout=60_000)
+    deadline = time.monotonic() + REPLY_TIMEOUT_MS / 1000
+    while not page.locator(f"{STATS}:has-text('Check the settings')").count():
+        assert time.monotonic() < deadline, f"no settings note; the chat shows: {chat_text(page)!r}"
+        time.sleep(0.1)
     note = page.locator(TITLED).last.inner_text()
     assert "Seed must be a whole number from 0 to" in note and "Error" not in page.inner_text("body"), note
     wait_until_idle(page)
