@@ -3,9 +3,10 @@
 Order and semantics follow transformers' `generate` (penalty on every token already in the sequence, then
 temperature, top-k, top-p). Sampling draws `probs / Exponential(1)` noise and takes the argmax, which equals a
 multinomial draw without a host sync (gpt-fast); a request with a seed draws its noise from its own generator, once
-per step it is in, so its output does not depend on what else is in the batch. The tokens come back as a device
-tensor and nothing here waits for the device: per-request values travel through pinned memory, so the engine can
-launch the next step before it reads these tokens (engine/llm_engine.py).
+per step it is in, so its output does not depend on what else is in the batch. On host tensors, where a count can
+be read for free, a row with a top-k draws over the tokens it keeps alone (`_best_kept`). The tokens come back as a
+device tensor and nothing here waits for the device: per-request values travel through pinned memory, so the engine
+can launch the next step before it reads these tokens (engine/llm_engine.py).
 """
 from __future__ import annotations
 
@@ -77,15 +78,59 @@ class Sampler:
         dev = logits.device
         temps = to_device([s.params.temperature or 1.0 for s in seqs], torch.float32, dev)
         logits = logits / temps[:, None]
-        logits = self._top_k(logits, seqs)
+        best = self._best_kept(logits, seqs)
+        index = None
+        if best is not None and None not in best[2]:  # every row draws over its own kept tokens alone
+            logits, index = best[0], best[1]
+        else:
+            logits = self._top_k(logits, seqs)
         logits = self._top_p(logits, seqs)
         probs = torch.softmax(logits, dim=-1)
-        noise = torch.empty_like(probs)
-        for i, seq in enumerate(seqs):
-            noise[i].exponential_(generator=self._generator(seq))
-        sampled = (probs / noise).argmax(dim=-1)
+        sampled = (probs / self._noise(probs, seqs, best, index is not None)).argmax(dim=-1)
+        if index is not None:
+            sampled = index.gather(1, sampled[:, None])[:, 0]
         is_greedy = to_device([s.params.greedy for s in seqs], torch.bool, dev)
         return torch.where(is_greedy, greedy, sampled)
+
+    @staticmethod
+    def _best_kept(logits: torch.Tensor, seqs: list[Sequence]
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[int | None]] | None:
+        """The tokens top-k keeps (as `_top_k`: ties at a row's k-th value included), in token id order: (values,
+        the rest of a row -inf; their token ids; how many each row keeps, None for a row without a top-k). Host
+        tensors only, where reading the counts waits for nothing; None for device tensors, which keep to the
+        full-width path (no host sync). Why: on a CPU a vocabulary-wide sort and noise draw cost milliseconds a row,
+        more than a small model's decode step; over the kept tokens they cost microseconds. Token id order, not
+        topk's: its order among equal values may change with its width, which other rows set."""
+        vocab = logits.shape[-1]
+        ks = [1 if s.params.greedy else s.params.top_k if 0 < s.params.top_k < vocab else None for s in seqs]
+        if logits.device.type != "cpu" or all(k is None for k in ks):
+            return None
+        top = torch.topk(logits, max(k or 1 for k in ks), dim=-1)
+        kth = top.values.gather(1, torch.tensor([(k or 1) - 1 for k in ks])[:, None])  # (B, 1)
+        kept = [n if k else None for n, k in zip((logits >= kth).sum(dim=-1).tolist(), ks)]
+        widest = max(n or 1 for n in kept)
+        if widest > top.values.shape[1]:  # ties at a k-th value past the largest k
+            top = torch.topk(logits, widest, dim=-1)
+        dropped = top.values < kth
+        order = top.indices.masked_fill(dropped, vocab).argsort(dim=-1)  # kept tokens by id, then the dropped
+        values = top.values.masked_fill(dropped, float("-inf")).gather(1, order)
+        return values, top.indices.gather(1, order), kept
+
+    def _noise(self, probs: torch.Tensor, seqs: list[Sequence], best, over_best: bool) -> torch.Tensor:
+        """Exponential(1) noise for `probs`, each row's from its own generator. A row's draws depend on that row
+        alone, whatever else is in the batch: a row with a top-k (host tensors) draws one value per kept token, in
+        token id order; any other row one per vocabulary entry."""
+        noise = torch.ones_like(probs)
+        for i, seq in enumerate(seqs):
+            gen = self._generator(seq)
+            kept = best[2][i] if best is not None else None
+            if kept is None:
+                noise[i].exponential_(generator=gen)
+            elif over_best:  # columns are the row's kept tokens
+                noise[i, :kept].exponential_(generator=gen)
+            else:  # columns are token ids
+                noise[i, best[1][i, :kept]] = torch.empty(kept).exponential_(generator=gen)
+        return noise
 
     @staticmethod
     def _top_k(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
