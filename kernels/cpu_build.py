@@ -3,6 +3,8 @@ once per machine and source by the system C compiler into ~/.cache/visionchat/ke
 Used by kernels/cpu_ops.py (the decode-step ops), cpu_qgemv.py (the int8-activation GEMV) and cpu_decoder.py (the
 one-call decode step); None everywhere when no compiler is found or the build fails, and the twins run."""
 
+import contextlib
+import contextvars
 import ctypes
 import hashlib
 import logging
@@ -36,6 +38,44 @@ SIGNATURES = {  # C argument types: pointers, int64 sizes and strides, float sca
 }
 # x, stride_x, bf16, M, tiles, dm, bits, N, K, y, residual, threads (kernels/cpu_qgemv.c)
 QGEMV_SIGNATURE = [P, I64, I64, I64, P, P, I64, I64, I64, P, P, I64]
+# The C pool's thread count while `torch_on_one_thread` holds torch's at 1 (0: outside it, torch's own count).
+_POOL_THREADS = contextvars.ContextVar("cpu_pool_threads", default=0)
+
+
+def pool_threads() -> int:
+    """Threads for the C kernels' own pool (kernels/cpu_qgemv.c): torch's thread count, the one it had outside
+    `torch_on_one_thread` inside it."""
+    return _POOL_THREADS.get() or torch.get_num_threads()
+
+
+@cache
+def _openmp() -> ctypes.CDLL | None:
+    """The OpenMP runtime torch's CPU ops run on, when it is GNU's and already loaded (torch's own copy: RTLD_NOLOAD
+    never loads another); else None."""
+    try:
+        return ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    except (OSError, AttributeError):  # another runtime, or a platform without RTLD_NOLOAD
+        return None
+
+
+@contextlib.contextmanager
+def torch_on_one_thread():
+    """torch's own ops on one thread in this thread only (its OpenMP setting, `omp_set_num_threads`; torch's
+    `set_num_threads` would also change the count other threads start with), while the C kernels' pool keeps
+    torch's count. For a CPU decode step whose heavy work is all on that pool, which leaves torch only small ops (an
+    embedding, logits to fp32, sampling): each of those would start an OpenMP region, after which torch's workers
+    spin for milliseconds on the cores the pool needs. Without GNU OpenMP, nothing changes."""
+    omp, outer = _openmp(), torch.get_num_threads()
+    if omp is None or outer == 1:
+        yield
+        return
+    token = _POOL_THREADS.set(outer)
+    omp.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        omp.omp_set_num_threads(outer)
+        _POOL_THREADS.reset(token)
 
 
 def _compile(cc: str, march: list[str], target: Path) -> None:

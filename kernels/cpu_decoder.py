@@ -96,5 +96,5 @@ def decode_layers_cpu(h, stack: LayerStack, positions, cos_sin, slot_mapping, bl
     fn(out.data_ptr(), M, ctypes.addressof(stack.structs), len(stack.layers), stack.hidden, stack.intermediate, stack.heads,
        stack.kv_heads, stack.head_dim, stack.eps, positions.data_ptr(), cos_sin.data_ptr(), cos_sin.stride(0),
        slot_mapping.data_ptr(), block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(),
-       first.k_cache.stride(0), first.k_cache.shape[1], stack.scale, torch.get_num_threads())
+       first.k_cache.stride(0), first.k_cache.shape[1], stack.scale, cpu_build.pool_threads())
     return out

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_build import library
+from .cpu_build import library, pool_threads
 from .quant_weight import QuantWeight, unpack_int4
 
 GROUP = 32
@@ -49,7 +49,7 @@ class CpuQ8Weight:
         y = torch.empty((x.shape[0], N), dtype=x.dtype)
         lib.qgemv(x.data_ptr(), x.stride(0), x.dtype == torch.bfloat16, x.shape[0], self.tiles.data_ptr(),
                   self.dm.data_ptr(), self.bits, N, K, y.data_ptr(),
-                  None if residual is None else residual.data_ptr(), torch.get_num_threads())
+                  None if residual is None else residual.data_ptr(), pool_threads())
         return y
 
     def nbytes(self) -> int:

@@ -77,3 +77,31 @@ def test_other_dtypes_and_batches_fall_back_to_the_twin():
     w = pack_q8(_weight(8, 64, 4, torch.Generator().manual_seed(1)))
     for x in (torch.randn(2, 64, dtype=torch.float16), torch.randn(17, 64)):  # fp16; more rows than the C code takes
         torch.testing.assert_close(w.linear(x), qgemv_torch(x, w))
+
+
+def test_torch_on_one_thread_keeps_the_pools_count_and_leaves_other_threads_alone():
+    import threading
+
+    from kernels.cpu_build import _openmp, pool_threads, torch_on_one_thread
+
+    if _openmp() is None:
+        pytest.skip("torch does not run on GNU OpenMP here: the context changes nothing")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert pool_threads() == 2
+        other = []
+        with pytest.raises(RuntimeError):
+            with torch_on_one_thread():
+                assert (torch.get_num_threads(), pool_threads()) == (1, 2)
+                with torch_on_one_thread():  # nested: still the outer count for the pool
+                    assert (torch.get_num_threads(), pool_threads()) == (1, 2)
+                assert (torch.get_num_threads(), pool_threads()) == (1, 2)
+                worker = threading.Thread(target=lambda: other.append(torch.get_num_threads()))
+                worker.start()
+                worker.join()
+                raise RuntimeError("the step failed")
+        assert other == [2]  # a thread starting meanwhile keeps torch's count
+        assert (torch.get_num_threads(), pool_threads()) == (2, 2)
+    finally:
+        torch.set_num_threads(threads)

@@ -89,3 +89,37 @@ def test_gguf_blocks_decode_alike_in_one_c_call_and_op_by_op(tiny, rope, tmp_pat
         out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=24, ignore_eos=True))
         outs.append([o.token_ids for o in out])
     assert outs[0] == outs[1]
+
+
+def test_a_decode_step_on_the_c_pool_leaves_torch_one_thread(tiny):
+    """A decode step whose projections and LM head run on the C kernels' pool runs torch's own ops on one thread (so
+    that torch's OpenMP workers do not spin on the pool's cores) while the pool keeps torch's thread count; a
+    prefill step, and torch after the step, keep torch's count."""
+    import dataclasses
+
+    from engine.quant.install import is_projection
+    from kernels import cpu_build
+    from kernels.cpu_qgemv import available
+
+    if not available() or cpu_build._openmp() is None:
+        pytest.skip("no AVX512-VNNI build or no GNU OpenMP here")
+    cfg, weights, tok = tiny
+    blocks = {k: _as_q4_1(v) if is_projection(k) or k == "lm_head.weight" else v for k, v in weights.items()}
+    engine = LLMEngine(cfg, blocks, tok, EngineConfig(dtype="bfloat16", quantize="gguf", enable_prefix_caching=False))
+    seen = []
+    decode_layers = engine.model.model.ops.decode_layers
+
+    def recorded(*args, **kwargs):
+        seen.append((torch.get_num_threads(), cpu_build.pool_threads()))
+        return decode_layers(*args, **kwargs)
+
+    engine.model.model.ops = dataclasses.replace(engine.model.model.ops, decode_layers=recorded)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert engine.model.decodes_on_host_pool(1) and not engine.model.decodes_on_host_pool(9)
+        engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=6, ignore_eos=True))
+        assert seen and set(seen) == {(1, 2)}  # torch on one thread, the pool on two
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

@@ -168,6 +168,14 @@ class CausalLM(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)
 
+    def decodes_on_host_pool(self, rows: int) -> bool:
+        """Whether a decode step of `rows` rows runs every projection and the LM head on the C kernels' own thread
+        pool (kernels/cpu_qgemv.py), so that torch is left only small ops."""
+        from kernels.cpu_qgemv import CpuQ8Weight
+
+        return (rows <= LOWP_MAX_ROWS and isinstance(self.lm_head.lowp, CpuQ8Weight)
+                and self.model.layer_stack() is not None)
+
     def forward(self, embeds, positions, cos_sin, md):
         return self.model(embeds, positions, cos_sin, md)
 
