@@ -2,11 +2,16 @@
 GEMV_TILES and kernels/quant_matmul.py's GEMM_TILES / WIDE_N by measurement.
 
     python -m bench.quant_sweep [--json OUT.json]
+    python -m bench.quant_sweep --attention    # kernels/paged_decode.py's DECODE_TILES instead
 
 Per projection and scheme (w4a16 groups of 128, w8a16 per channel): the one-row GEMV per (BLOCK_N, BLOCK_K, warps,
 stages) with the packed bytes it streams per second, beside gemv.py's bf16 GEMV; the fused GEMM per tile and K split at
 M = 16, 32, 64 beside bf16 cuBLAS (addmm, the residual in its epilogue as ours has it). Every config's output is checked
 against the twin (max error relative to the largest output, flagged past 2e-2).
+
+--attention: decode attention on an int8 KV cache per (keys a step, warps, stages) beside the bf16 cache's, at
+batch 1 / 8 / 32 and 512-8,192-token contexts (32 heads of 128, pages of 16 in shuffled order, caches past the L2),
+each config's output checked against the twin.
 
 Timing: `bench.gpu.graph_timed`, i.e. 200 calls in one CUDA graph, round robin over copies of the weight that
 together outgrow the L2 cache (as a decode step's layers do). Timing one call with events, as this file did before
@@ -24,6 +29,8 @@ from bench.gpu import graph_timed
 from bench.gpu_quant import SHAPES
 from engine.quant.rtn import quantize_rtn
 from kernels.gemv import linear_add_triton
+from kernels.kv_int8 import quantize_kv
+from kernels.paged_decode import DECODE_TILES, paged_decode_attention_torch, paged_decode_attention_triton
 from kernels.quant_gemv import _PRO_NONE, _quant_gemv
 from kernels.quant_matmul import quant_matmul_triton
 from kernels.quant_weight import quant_linear_torch
@@ -98,11 +105,60 @@ def sweep() -> dict:
     return out
 
 
+ATTENTION_CONFIGS = [(16, 1, 2), (32, 2, 2), (64, 2, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2)]
+
+
+def _paged_caches(B: int, Hk: int, ctx: int, D: int, page: int, copies: int):
+    """bf16 and int8 caches holding `copies` sets of B sequences of ctx keys, each set with its own shuffled pages."""
+    per = -(-ctx // page)
+    blocks = B * per * copies
+    k = torch.randn(blocks, page, Hk, D, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    (kq, ksz), (vq, vsz) = (quantize_kv(c.view(-1, Hk, D)) for c in (k, v))
+    int8 = (kq.view(k.shape), vq.view(k.shape), ksz.view(blocks, page, Hk, 2), vsz.view(blocks, page, Hk, 2))
+    order = torch.randperm(blocks, device="cuda").to(torch.int32)
+    tables = [order[c * B * per:(c + 1) * B * per].view(B, per).contiguous() for c in range(copies)]
+    return (k, v), int8, tables
+
+
+def attention_sweep() -> dict:
+    out = []
+    D, H, page = 128, 32, 16
+    for B, Hk, ctx in ((32, 32, 2048), (8, 32, 2048), (1, 32, 2048), (1, 32, 8192), (32, 32, 512), (32, 8, 2048)):
+        kv_bytes = B * ctx * Hk * D * 2  # int8 K and V
+        copies = max(1, int(L2_BUST_BYTES // kv_bytes) + 1)
+        (k, v), (kq, vq, ksz, vsz), tables = _paged_caches(B, Hk, ctx, D, page, copies)
+        lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+        q = torch.randn(B, H, D, dtype=torch.bfloat16, device="cuda")
+        scale = D ** -0.5
+        ref = paged_decode_attention_torch(q, kq, vq, tables[0], lens, scale, ksz, vsz)
+        bf16_us = graph_timed([lambda t=t: paged_decode_attention_triton(q, k, v, t, lens, scale) for t in tables],
+                              calls=100)
+        rows = []
+        for tiles in ATTENTION_CONFIGS:
+            try:
+                err = _err(paged_decode_attention_triton(q, kq, vq, tables[0], lens, scale, ksz, vsz, tiles=tiles),
+                           ref)
+                us = graph_timed([lambda t=t: paged_decode_attention_triton(q, kq, vq, t, lens, scale, ksz, vsz,
+                                                                            tiles=tiles) for t in tables], calls=100)
+            except Exception as exc:
+                print(f"attention B={B} Hk={Hk} {tiles}: {type(exc).__name__}", flush=True)
+                continue
+            rows.append((us, tiles, err))
+            out.append({"B": B, "Hk": Hk, "ctx": ctx, "tiles": tiles, "us": us, "err": err, "bf16_us": bf16_us})
+        print(f"decode attention B={B} Hk={Hk} ctx={ctx}, int8: {_best(rows)}\n    bf16 cache {bf16_us:.1f} us "
+              f"({DECODE_TILES['float']}), int8 best {min(r[0] for r in rows) / bf16_us:.2f}x its time", flush=True)
+        del k, v, kq, vq, ksz, vsz
+        torch.cuda.empty_cache()
+    return {"attention": out}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
+    ap.add_argument("--attention", action="store_true", help="sweep the int8-KV decode attention's tiles instead")
     args = ap.parse_args()
-    res = sweep()
+    res = attention_sweep() if args.attention else sweep()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

@@ -59,6 +59,26 @@ def codes_f16(words):
 
 
 @triton.jit
+def codes_f32_biased(words):
+    """An int8 cache tile read as int32 words of 4 codes, (BLOCK_N, D // 4), as fp32 (BLOCK_N, D) holding 2^23 +
+    code, exactly: `prmt` puts each code in the low byte of the float 2^23 (0x4B000000), no int -> float conversion.
+    `tl.fma(c, x, -2^23 * x)` then gives code * x rounded once."""
+    c0, c1, c2, c3 = tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 magic;
+        mov.b32 magic, 0x4B000000;
+        prmt.b32 $0, $4, magic, 0x7540;
+        prmt.b32 $1, $4, magic, 0x7541;
+        prmt.b32 $2, $4, magic, 0x7542;
+        prmt.b32 $3, $4, magic, 0x7543;
+        }""",
+        constraints="=r,=r,=r,=r,r", args=[words], dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+        is_pure=True, pack=1)
+    codes = tl.join(tl.join(c0, c2), tl.join(c1, c3))  # (BLOCK_N, D // 4, 2, 2): code 2 * a + b at [a, b]
+    return tl.reshape(codes, (words.shape[0], words.shape[1] * 4))
+
+
+@triton.jit
 def _load_kv(cache_ptr, sz_ptr, kv_offs, sz_offs, kv_mask, n_mask, out_dtype, QUANT: tl.constexpr):
     """A (BLOCK_N, BLOCK_D) K or V tile; an int8 cache's codes dequantized with their (token, head) scale and zero
     (kernels/kv_int8.py) and rounded to the attention's dtype, as the twins dequantize."""

@@ -10,7 +10,9 @@ Scales are applied per group, not per weight: `sum_k (q*s + z) * x = s * sum_k q
 a tile multiplies integers by activations and scales once per (row, group). The launcher picks BLOCK_K so that a
 tile holds whole groups or lies inside one: group sizes must be powers of two, or K (per output channel).
 The weight is read as int32 words (8 nibbles or 4 bytes) and each code becomes a float by bit arithmetic
-(`_plane_dot`), not by a conversion instruction: on an H200 that took the 4-bit GEMV from 0.9-1.4 to 1.1-1.9 TB/s.
+(`_plane_dot`), not by a conversion instruction, and meets its input in one fused multiply-add: on an H200 that
+took the 4-bit GEMV from 0.9-1.4 TB/s to 1.3-2.1 (Llama-2-7B's four projections 59 us a layer, 70 before the fused
+multiply-add and one-instruction mask).
 The twins are gemv.py's (`_linear` dequantizes, kernels/quant_weight.py); GPU numerics differ from them only in
 summation order and in never rounding the dequantized weight to x's dtype.
 """
@@ -25,6 +27,7 @@ from .rms_norm import rms_norm_triton
 
 _PRO_NONE, _PRO_NORM, _PRO_SILU_MUL = 0, 1, 2
 _MODE_PER_ROW, _MODE_TILE_IN_GROUP, _MODE_GROUPS_IN_TILE = 0, 1, 2
+_MAGIC = 0x4B000000  # the float 2^23: its mantissa's low 23 bits are an integer's
 
 
 @triton.jit
@@ -48,13 +51,17 @@ def _x_at(x_ptr, norm_w_ptr, perm_ptr, k, k_mask, K, rstd,
 
 
 @triton.jit
-def _plane_dot(q, xj, j: tl.constexpr, BITS: tl.constexpr):
+def _plane_dot(q, xj, j: tl.constexpr, BITS: tl.constexpr, code_mask, magic, FMA: tl.constexpr):
     """(BLOCK_N, BLOCK_W): code j of each int32 word of q (4 bits: nibble j; 8 bits: byte j, signed) times xj, the
     input of its column. No int -> float conversion (a quarter-rate instruction that bounded this GEMV): the code,
-    masked where it lies (bit BITS * e), is ORed into the mantissa of 2^23, which makes the float 2^23 + code * 2^(BITS
-    * e) exactly; 2^23 is subtracted and xj scaled by 2^-(BITS * e), exact too. Codes lying too high for the 23-bit
-    mantissa are shifted down first (the top 3 nibbles by 20 bits, the top 2 bytes by 16); bytes have their sign
-    bits flipped (code + 128) and the 128 is subtracted with 2^23."""
+    masked where it lies (bit BITS * e), is ORed into the mantissa of 2^23 (`magic`), which makes the float 2^23 +
+    code * 2^(BITS * e) exactly; with xj scaled by 2^-(BITS * e) (exact), one fused multiply-add with -2^23 times
+    that scaled input gives code * xj rounded once. Codes lying too high for the 23-bit mantissa are shifted down
+    first (the top 3 nibbles by 20 bits, the top 2 bytes by 16); bytes have their sign bits flipped (code + 128) and
+    the 128 goes with the 2^23. For nibbles `code_mask` and `magic` (0xF, 0x4B000000) come in as arguments, not
+    constants: held in registers they let the compiler make mask-and-or one instruction (LOP3) instead of two.
+    FMA False (TRITON_INTERPRET, whose multiply-add rounds twice; 8 bits): the bias is subtracted first, then one
+    multiply."""
     LOW: tl.constexpr = 5 if BITS == 4 else 2  # codes 0..LOW-1 fit where they lie
     if BITS == 8:
         q = q ^ -2139062144  # 0x80808080
@@ -64,16 +71,22 @@ def _plane_dot(q, xj, j: tl.constexpr, BITS: tl.constexpr):
     else:
         e: tl.constexpr = j - LOW
         src = q >> (BITS * LOW)
-    code = ((src & (((1 << BITS) - 1) << (BITS * e))) | 0x4B000000).to(tl.float32, bitcast=True)
     if BITS == 4:
-        code -= 8388608.0
+        code = ((src & (code_mask << (BITS * e))) | magic).to(tl.float32, bitcast=True)
+    else:  # bytes: constants and no fused multiply-add, which measured fastest end to end (w8a16 batch 1 on an
+        # H200: 356 tokens/s, 318 with the register-held mask and the multiply-add)
+        code = ((src & (255 << (8 * e))) | 0x4B000000).to(tl.float32, bitcast=True)
+    BIAS: tl.constexpr = 8388608.0 if BITS == 4 else 8388608.0 + 128.0 * (1 << (8 * e))
+    xs = xj * (1.0 / (1 << (BITS * e)))
+    if FMA:
+        part = tl.fma(code, xs[None, :], (xs * -BIAS)[None, :])
     else:
-        code -= 8388608.0 + 128.0 * (1 << (8 * e))
-    return code * (xj * (1.0 / (1 << (BITS * e))))[None, :]
+        part = (code - BIAS) * xs[None, :]
+    return part
 
 
 @triton.jit
-def _words_dot(q, xw, BLOCK_W: tl.constexpr, BITS: tl.constexpr):
+def _words_dot(q, xw, BLOCK_W: tl.constexpr, BITS: tl.constexpr, code_mask, magic, FMA: tl.constexpr):
     """sum_j code_j(q[n, w]) * xw[w, j]: (BLOCK_N, BLOCK_W) int32 words against their columns' inputs (BLOCK_W, PER),
     which are split into code planes in registers (x read contiguously, once per program)."""
     if BITS == 4:
@@ -84,25 +97,26 @@ def _words_dot(q, xw, BLOCK_W: tl.constexpr, BITS: tl.constexpr):
         x2, x6 = tl.split(a1)
         x1, x5 = tl.split(b0)
         x3, x7 = tl.split(b1)
-        qx = _plane_dot(q, x0, 0, BITS) + _plane_dot(q, x1, 1, BITS) + _plane_dot(q, x2, 2, BITS)
-        qx += _plane_dot(q, x3, 3, BITS) + _plane_dot(q, x4, 4, BITS) + _plane_dot(q, x5, 5, BITS)
-        qx += _plane_dot(q, x6, 6, BITS) + _plane_dot(q, x7, 7, BITS)
+        qx = _plane_dot(q, x0, 0, BITS, code_mask, magic, FMA) + _plane_dot(q, x1, 1, BITS, code_mask, magic, FMA)
+        qx += _plane_dot(q, x2, 2, BITS, code_mask, magic, FMA) + _plane_dot(q, x3, 3, BITS, code_mask, magic, FMA)
+        qx += _plane_dot(q, x4, 4, BITS, code_mask, magic, FMA) + _plane_dot(q, x5, 5, BITS, code_mask, magic, FMA)
+        qx += _plane_dot(q, x6, 6, BITS, code_mask, magic, FMA) + _plane_dot(q, x7, 7, BITS, code_mask, magic, FMA)
     else:
         a, b = tl.split(tl.reshape(xw, (BLOCK_W, 2, 2)))
         x0, x2 = tl.split(a)
         x1, x3 = tl.split(b)
-        qx = _plane_dot(q, x0, 0, BITS) + _plane_dot(q, x1, 1, BITS) + _plane_dot(q, x2, 2, BITS)
-        qx += _plane_dot(q, x3, 3, BITS)
+        qx = _plane_dot(q, x0, 0, BITS, code_mask, magic, FMA) + _plane_dot(q, x1, 1, BITS, code_mask, magic, FMA)
+        qx += _plane_dot(q, x2, 2, BITS, code_mask, magic, FMA) + _plane_dot(q, x3, 3, BITS, code_mask, magic, FMA)
     return qx
 
 
 @triton.jit
 def _quant_gemv_kernel(
     x_ptr, norm_w_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, res_ptr, y_ptr,
-    N, K, stride_qn, stride_sn, eps,
+    N, K, stride_qn, stride_sn, eps, code_mask, magic,
     BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, STAGES: tl.constexpr, FMA: tl.constexpr,
 ):
     """q_ptr: the packed weight read as int32 words (stride_qn words a row); word w holds columns PER * w + j,
     j < PER, code j in bits [BITS * j, BITS * (j + 1)) (kernels/quant_weight.py's bytes, little-endian)."""
@@ -132,7 +146,7 @@ def _quant_gemv_kernel(
         xw = _x_at(x_ptr, norm_w_ptr, perm_ptr, word[:, None] * PER + tl.arange(0, PER)[None, :],
                    w_mask[:, None], K, rstd, PROLOGUE, HAS_PERM)  # (BLOCK_W, PER): the step's columns in order
         xs = tl.sum(xw, axis=1)
-        qx = _words_dot(q, xw, BLOCK_W, BITS)
+        qx = _words_dot(q, xw, BLOCK_W, BITS, code_mask, magic, FMA)
         if MODE == 0:  # one scale per row: applied after the loop
             acc += qx
             xsum += xs
@@ -186,8 +200,10 @@ def _block_sizes(w: QuantWeight) -> tuple[int, int, int, int]:
 
 
 # bits -> (BLOCK_N, BLOCK_K, num_warps, num_stages) of the one-row GEMV: the least total time over the Llama-2-7B
-# projections in `python -m bench.quant_sweep` on an H200 (graph-timed, weights past the L2 cache), 2026-12-01:
-# 4-bit 7.3-25.8 us a projection (1.2-1.9 TB/s of packed weight), 8-bit 7.8-28 us (2.2-3.3 TB/s).
+# projections on an H200 (graph-timed, weights past the L2 cache; `python -m bench.quant_sweep`), 2026-12-01:
+# 4-bit 6.7-22.7 us a projection (1.3-2.1 TB/s of packed weight), 8-bit 7.8-28 us (2.2-3.3 TB/s). 8-bit end to
+# end (w8a16 batch 1) measured faster with these tiles than with (8, 1024, 4, 3), which the GEMV alone prefers: the
+# fused RMSNorm / SiLU prologues are recomputed by every program, so fewer, taller programs pay them less often.
 GEMV_TILES = {4: (8, 2048, 4, 1), 8: (16, 512, 4, 3)}
 
 
@@ -200,11 +216,13 @@ def _quant_gemv(x, w: QuantWeight, bias, residual, prologue, norm_weight=None, e
         x, norm_weight if norm_weight is not None else x, words, w.scales,
         w.zeros if w.zeros is not None else w.scales, w.perm if w.perm is not None else x,
         bias if bias is not None else x, residual if residual is not None else x, y,
-        N, K, words.stride(0), w.scales.stride(0), eps,
+        N, K, words.stride(0), w.scales.stride(0), eps, (1 << w.bits) - 1, _MAGIC,
         BITS=w.bits, GROUP=w.group_size, MODE=group_mode(w, BLOCK_K), HAS_ZERO=w.zeros is not None,
         HAS_PERM=w.perm is not None, PROLOGUE=prologue, HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, NG=max(BLOCK_K // w.group_size, 1),
-        STAGES=stages, num_warps=warps,
+        # the fused multiply-add for 4 bits on a GPU (CPU tensors mean TRITON_INTERPRET); bytes keep the subtraction
+        # (see _plane_dot; their bias 2^23 + 128 * 2^(8e) times an fp32 x would also round)
+        STAGES=stages, FMA=x.is_cuda and w.bits == 4, num_warps=warps,
     )
     return y
 

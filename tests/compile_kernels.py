@@ -47,13 +47,14 @@ def main():
                     dict(q_ptr=BF16, k_ptr=BF16, v_ptr=BF16, pos_ptr="*i64", cos_sin_ptr="*fp32", k_cache_ptr=cache,
                          v_cache_ptr=cache, k_sz_ptr="*fp16", v_sz_ptr="*fp16", slot_ptr="*i64"),
                     dict(HEAD_DIM=128, HALF=64, BLOCK_HALF=64, BLOCK_D=128, BLOCK_HQ=32, BLOCK_HK=8, QUANT=quant))
-        compile_one(pd._paged_decode_kernel,
-                    dict(q_ptr=BF16, k_cache_ptr=cache, v_cache_ptr=cache, k_sz_ptr="*fp16", v_sz_ptr="*fp16",
-                         block_tables_ptr="*i32", seq_lens_ptr="*i32", out_ptr=BF16, part_out_ptr="*fp32",
-                         part_lse_ptr="*fp32", scale_log2="fp32"),
-                    dict(KV_HEADS=8, GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, PAGE_SIZE=16, BLOCK_N=64,
-                         MIN_SPLIT_KEYS=64, SPLIT=True, DOT_PRECISION="tf32", UPCAST_DOT=False, QUANT=quant,
-                         F16_CODES=quant))
+        for group in (4, 1) if quant else (4,):  # int8 with one query head a KV head: the CUDA-core path
+            compile_one(pd._paged_decode_kernel,
+                        dict(q_ptr=BF16, k_cache_ptr=cache, v_cache_ptr=cache, k_sz_ptr="*fp16", v_sz_ptr="*fp16",
+                             block_tables_ptr="*i32", seq_lens_ptr="*i32", out_ptr=BF16, part_out_ptr="*fp32",
+                             part_lse_ptr="*fp32", scale_log2="fp32"),
+                        dict(KV_HEADS=8, GROUP=group, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, PAGE_SIZE=16, BLOCK_N=64,
+                             MIN_SPLIT_KEYS=64, SPLIT=True, DOT_PRECISION="tf32", UPCAST_DOT=False, QUANT=quant,
+                             WORD_CODES=quant, MHA_INT8=quant and group == 1))
         compile_one(pp._paged_prefill_kernel,
                     dict(q_ptr=BF16, k_cache_ptr=cache, v_cache_ptr=cache, k_sz_ptr="*fp16", v_sz_ptr="*fp16",
                          block_tables_ptr="*i32", cu_seqlens_q_ptr="*i32", seq_lens_ptr="*i32", out_ptr=BF16,

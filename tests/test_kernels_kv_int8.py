@@ -94,7 +94,12 @@ def test_twin_store_then_read_equals_quantize_dequantize(dtype):
     torch.testing.assert_close(got, dequantize_kv(*quantize_kv(v), dtype))
 
 
-DECODE_CASES = [([1, 17, 0, 40], 2, 1, 64, 16), ([300, 0], 1, 3, 128, 16), ([200, 129, 5], 1, 3, 64, 32)]
+# group 1 (multi-head attention) takes the CUDA-core path, the others the tensor cores
+DECODE_CASES = [([1, 17, 0, 40], 2, 1, 64, 16), ([300, 0], 1, 3, 128, 16), ([200, 129, 5], 1, 3, 64, 32),
+                ([130, 0, 64], 3, 1, 80, 16)] + [pytest.param(*case, marks=pytest.mark.gpu) for case in [
+                    ([2048, 1, 0, 777] * 8, 8, 1, 128, 16),  # batch 32, one pass, padding rows
+                    ([9000], 4, 1, 128, 16),  # batch 1, many splits
+                ]]
 
 
 @needs_triton
