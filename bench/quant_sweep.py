@@ -30,7 +30,7 @@ from bench.gpu_quant import SHAPES
 from engine.quant.rtn import quantize_rtn
 from kernels.gemv import linear_add_triton
 from kernels.kv_int8 import quantize_kv
-from kernels.paged_decode import DECODE_TILES, paged_decode_attention_torch, paged_decode_attention_triton
+from kernels.paged_decode import DECODE_TILES, paged_decode_attention_torch, paged_decode_tiled
 from kernels.quant_gemv import _PRO_NONE, _quant_gemv
 from kernels.quant_matmul import quant_matmul_triton
 from kernels.quant_weight import quant_linear_torch
@@ -132,15 +132,14 @@ def attention_sweep() -> dict:
         q = torch.randn(B, H, D, dtype=torch.bfloat16, device="cuda")
         scale = D ** -0.5
         ref = paged_decode_attention_torch(q, kq, vq, tables[0], lens, scale, ksz, vsz)
-        bf16_us = graph_timed([lambda t=t: paged_decode_attention_triton(q, k, v, t, lens, scale) for t in tables],
+        bf16_us = graph_timed([lambda t=t: paged_decode_tiled(q, k, v, t, lens, scale) for t in tables],
                               calls=100)
         rows = []
         for tiles in ATTENTION_CONFIGS:
             try:
-                err = _err(paged_decode_attention_triton(q, kq, vq, tables[0], lens, scale, ksz, vsz, tiles=tiles),
-                           ref)
-                us = graph_timed([lambda t=t: paged_decode_attention_triton(q, kq, vq, t, lens, scale, ksz, vsz,
-                                                                            tiles=tiles) for t in tables], calls=100)
+                err = _err(paged_decode_tiled(q, kq, vq, tables[0], lens, scale, ksz, vsz, tiles=tiles), ref)
+                us = graph_timed([lambda t=t: paged_decode_tiled(q, kq, vq, t, lens, scale, ksz, vsz, tiles=tiles)
+                                  for t in tables], calls=100)
             except Exception as exc:
                 print(f"attention B={B} Hk={Hk} {tiles}: {type(exc).__name__}", flush=True)
                 continue

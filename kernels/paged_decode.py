@@ -28,7 +28,7 @@ from .kv_int8 import check_quantized
 _LOG2E = 1.4426950408889634  # the kernels use exp2, so scores are pre-multiplied by log2(e)
 # the kernel's path -> (keys per inner step, warps, pipeline stages): "float" the best of a sweep on an H100 (bf16,
 # D=128); "int8" (tensor cores, grouped-query attention) and "int8_mha" (CUDA cores, one query head a KV head) on an
-# H200 (scratch sweeps of 2026-12-01, python -m bench.gpu_quant for the engine)
+# H200 (`python -m bench.quant_sweep --attention`, 2026-12-01: at batch 1 with many splits the long steps win)
 DECODE_TILES = {"float": (64, 4, 3), "int8": (64, 4, 2), "int8_mha": (64, 2, 2), "int8_mha_split": (128, 4, 2)}
 _MIN_SPLIT_KEYS = 64  # below this a split's fixed cost (q load, partial write, merge) outweighs its work
 _MAX_SPLITS = 64
@@ -274,9 +274,14 @@ def paged_decode_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
     k_scale_zero: torch.Tensor | None = None, v_scale_zero: torch.Tensor | None = None,
-    tiles: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
-    """`tiles`: (BLOCK_N, warps, stages) instead of DECODE_TILES' (bench/ sweeps only)."""
+    return paged_decode_tiled(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale_zero, v_scale_zero)
+
+
+def paged_decode_tiled(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale_zero=None, v_scale_zero=None,
+                       tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """`paged_decode_attention_triton` with `tiles` (BLOCK_N, warps, stages) instead of DECODE_TILES' (for sweeps:
+    bench/quant_sweep.py)."""
     quantized = check_quantized(k_cache, k_scale_zero, v_cache, v_scale_zero)
     _check(q, k_cache, v_cache, block_tables, seq_lens, quantized)
     B, Hq, D = q.shape
