@@ -35,6 +35,13 @@ def _softmax_step(s, v, m, l, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr
 
 
 @triton.jit
+def _word_tile(words, c0, c1, c2, c3):
+    """The (BLOCK_N, D) tile of codes from int32 words (BLOCK_N, D // 4), given code j of every word as cj."""
+    codes = tl.join(tl.join(c0, c2), tl.join(c1, c3))  # (BLOCK_N, D // 4, 2, 2): code 2 * a + b at [a, b]
+    return tl.reshape(codes, (words.shape[0], words.shape[1] * 4))
+
+
+@triton.jit
 def codes_f16(words):
     """An int8 cache tile read as int32 words of 4 codes, (BLOCK_N, D // 4), as exact fp16 (BLOCK_N, D), with no
     int -> float conversion (a quarter-rate instruction, which made an int8 cache's attention slower than bf16's):
@@ -54,8 +61,7 @@ def codes_f16(words):
         }""",
         constraints="=h,=h,=h,=h,r", args=[words], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
         is_pure=True, pack=1)
-    codes = tl.join(tl.join(c0, c2), tl.join(c1, c3))  # (BLOCK_N, D // 4, 2, 2): code 2 * a + b at [a, b]
-    return tl.reshape(codes, (words.shape[0], words.shape[1] * 4))
+    return _word_tile(words, c0, c1, c2, c3)
 
 
 @triton.jit
@@ -74,8 +80,23 @@ def codes_f32_biased(words):
         }""",
         constraints="=r,=r,=r,=r,r", args=[words], dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
         is_pure=True, pack=1)
-    codes = tl.join(tl.join(c0, c2), tl.join(c1, c3))  # (BLOCK_N, D // 4, 2, 2): code 2 * a + b at [a, b]
-    return tl.reshape(codes, (words.shape[0], words.shape[1] * 4))
+    return _word_tile(words, c0, c1, c2, c3)
+
+
+@triton.jit
+def key_rows(block_tables_ptr, b, stride_bt, n, n_mask, kv_head, stride_cache_block,
+             KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """(page, row) of keys n: each one's page id and the offset of its head's first element in a (blocks,
+    PAGE_SIZE, KV_HEADS, HEAD_DIM) cache, dense below the block. Masked so no block-table entry past the sequence is
+    read; page ids go int64 before the stride multiply."""
+    page = tl.load(block_tables_ptr + b * stride_bt + n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+    return page, page * stride_cache_block + (n % PAGE_SIZE) * (KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM
+
+
+@triton.jit
+def scale_offsets(page, n, kv_head, KV_HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """Offsets of keys n's (scale, zero) pairs in an int8 cache's (blocks, PAGE_SIZE, KV_HEADS, 2) scale_zero."""
+    return page * (PAGE_SIZE * KV_HEADS * 2) + (n % PAGE_SIZE) * (KV_HEADS * 2) + kv_head * 2
 
 
 @triton.jit

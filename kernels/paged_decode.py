@@ -21,7 +21,8 @@ prefill or chunked prefill (`paged_prefill.py`), sliding windows, ALiBi, soft-ca
 import torch
 import torch.nn.functional as F
 
-from ._paged import _dot, _softmax_step, check_caches, codes_f16, codes_f32_biased, sequence_kv
+from ._paged import (_dot, _softmax_step, check_caches, codes_f16, codes_f32_biased, key_rows, scale_offsets,
+                     sequence_kv)
 from ._triton import triton, tl
 from .kv_int8 import check_quantized
 
@@ -68,6 +69,24 @@ def _split_keys(seq_len, num_splits, BLOCK_N: tl.constexpr, MIN_SPLIT_KEYS: tl.c
 
 
 @triton.jit
+def _key_scales(k_sz_ptr, v_sz_ptr, page, n, n_mask, kv_head, KV_HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """An int8 cache's (k_scale, k_zero, v_scale, v_zero) of keys n, fp32 (kernels/kv_int8.py)."""
+    sz_offs = scale_offsets(page, n, kv_head, KV_HEADS, PAGE_SIZE)
+    k_scale = tl.load(k_sz_ptr + sz_offs, mask=n_mask, other=0.0).to(tl.float32)
+    k_zero = tl.load(k_sz_ptr + sz_offs + 1, mask=n_mask, other=0.0).to(tl.float32)
+    v_scale = tl.load(v_sz_ptr + sz_offs, mask=n_mask, other=0.0).to(tl.float32)
+    v_zero = tl.load(v_sz_ptr + sz_offs + 1, mask=n_mask, other=0.0).to(tl.float32)
+    return k_scale, k_zero, v_scale, v_zero
+
+
+@triton.jit
+def _word_offsets(row, n_mask, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """(offsets, mask) of the keys' rows as int32 words of 4 codes (D and the strides are multiples of 4)."""
+    dw = tl.arange(0, BLOCK_D // 4)
+    return row[:, None] // 4 + dw[None, :], n_mask[:, None] & (dw < HEAD_DIM // 4)[None, :]
+
+
+@triton.jit
 def _mha_int8_keys(q_ptr, k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, block_tables_ptr, b, kv_head, start, end,
                    scale_log2, stride_qb, stride_qh, stride_cache_block, stride_bt,
                    KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -87,17 +106,12 @@ def _mha_int8_keys(q_ptr, k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, block_ta
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_mask = n < end
-        page = tl.load(block_tables_ptr + b * stride_bt + n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
-        row = page * stride_cache_block + (n % PAGE_SIZE) * (KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM
-        sz_offs = page * (PAGE_SIZE * KV_HEADS * 2) + (n % PAGE_SIZE) * (KV_HEADS * 2) + kv_head * 2
-        k_scale = tl.load(k_sz_ptr + sz_offs, mask=n_mask, other=0.0).to(tl.float32)
-        k_zero = tl.load(k_sz_ptr + sz_offs + 1, mask=n_mask, other=0.0).to(tl.float32)
-        v_scale = tl.load(v_sz_ptr + sz_offs, mask=n_mask, other=0.0).to(tl.float32)
-        v_zero = tl.load(v_sz_ptr + sz_offs + 1, mask=n_mask, other=0.0).to(tl.float32)
+        page, row = key_rows(block_tables_ptr, b, stride_bt, n, n_mask, kv_head, stride_cache_block,
+                              KV_HEADS, HEAD_DIM, PAGE_SIZE)
+        k_scale, k_zero, v_scale, v_zero = _key_scales(k_sz_ptr, v_sz_ptr, page, n, n_mask, kv_head, KV_HEADS,
+                                                       PAGE_SIZE)
         if WORD_CODES:
-            dw = tl.arange(0, BLOCK_D // 4)
-            w_offs = row[:, None] // 4 + dw[None, :]
-            w_mask = n_mask[:, None] & (dw < HEAD_DIM // 4)[None, :]
+            w_offs, w_mask = _word_offsets(row, n_mask, BLOCK_D, HEAD_DIM)
             k = codes_f32_biased(tl.load(k_cache_ptr.to(tl.pointer_type(tl.int32)) + w_offs, mask=w_mask, other=0))
             s = tl.sum(tl.fma(k, qv[None, :], (qv * -8388608.0)[None, :]), axis=1)
         else:
@@ -168,23 +182,15 @@ def _paged_decode_kernel(
         for n0 in range(start, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions
             n_mask = n < end
-            # Masked so no block-table entry past the sequence is read; page ids go int64 before the stride multiply.
-            page = tl.load(block_tables_ptr + b * stride_bt + n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
-            # (BLOCK_N, BLOCK_D) offsets into a (blocks, PAGE_SIZE, KV_HEADS, HEAD_DIM) cache, dense below the block
-            kv_offs = (page[:, None] * stride_cache_block + (n % PAGE_SIZE)[:, None] * (KV_HEADS * HEAD_DIM)
-                       + kv_head * HEAD_DIM + d[None, :])
+            page, row = key_rows(block_tables_ptr, b, stride_bt, n, n_mask, kv_head, stride_cache_block,
+                                  KV_HEADS, HEAD_DIM, PAGE_SIZE)
+            kv_offs = row[:, None] + d[None, :]  # (BLOCK_N, BLOCK_D)
             kv_mask = n_mask[:, None] & d_mask[None, :]
             if QUANT:  # int8: the codes on the tensor cores as they are, each key's scale and zero applied per key
-                sz_offs = page * (PAGE_SIZE * KV_HEADS * 2) + (n % PAGE_SIZE) * (KV_HEADS * 2) + kv_head * 2
-                k_scale = tl.load(k_sz_ptr + sz_offs, mask=n_mask, other=0.0).to(tl.float32)
-                k_zero = tl.load(k_sz_ptr + sz_offs + 1, mask=n_mask, other=0.0).to(tl.float32)
-                v_scale = tl.load(v_sz_ptr + sz_offs, mask=n_mask, other=0.0).to(tl.float32)
-                v_zero = tl.load(v_sz_ptr + sz_offs + 1, mask=n_mask, other=0.0).to(tl.float32)
-                if WORD_CODES:  # the tiles as int32 words (4 codes each; D and the strides are multiples of 4)
-                    dw = tl.arange(0, BLOCK_D // 4)
-                    w_offs = (page[:, None] * stride_cache_block + (n % PAGE_SIZE)[:, None] * (KV_HEADS * HEAD_DIM)
-                              + kv_head * HEAD_DIM) // 4 + dw[None, :]
-                    w_mask = n_mask[:, None] & (dw < HEAD_DIM // 4)[None, :]
+                k_scale, k_zero, v_scale, v_zero = _key_scales(k_sz_ptr, v_sz_ptr, page, n, n_mask, kv_head,
+                                                               KV_HEADS, PAGE_SIZE)
+                if WORD_CODES:  # the tiles as int32 words
+                    w_offs, w_mask = _word_offsets(row, n_mask, BLOCK_D, HEAD_DIM)
                     k = codes_f16(tl.load(k_cache_ptr.to(tl.pointer_type(tl.int32)) + w_offs, mask=w_mask, other=0))
                     v = codes_f16(tl.load(v_cache_ptr.to(tl.pointer_type(tl.int32)) + w_offs, mask=w_mask, other=0))
                     s = tl.dot(q16, tl.trans(k)) * q_max[:, None]

@@ -12,7 +12,7 @@ sliding windows, ALiBi, soft-capping, non-causal (vision) attention.
 import torch
 import torch.nn.functional as F
 
-from ._paged import _dot, _load_kv, _softmax_step, check_caches, sequence_kv
+from ._paged import _dot, _load_kv, _softmax_step, check_caches, key_rows, scale_offsets, sequence_kv
 from ._triton import triton, tl
 from .kv_int8 import check_quantized
 
@@ -69,12 +69,10 @@ def _attend_tile(
     else:
         n_mask = tl.full([BLOCK_N], True, tl.int1)  # a constant: the compiler drops the predicate
     kv_mask = n_mask[:, None] & (d[None, :] < HEAD_DIM)
-    # Masked so no block-table entry past the keys is read; page ids go int64 before the stride multiply.
-    page = tl.load(block_tables_ptr + b * stride_bt + n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
-    # (BLOCK_N, BLOCK_D) offsets into a (blocks, PAGE_SIZE, KV_HEADS, HEAD_DIM) cache, dense below the block
-    kv_offs = (page[:, None] * stride_cache_block + (n % PAGE_SIZE)[:, None] * (KV_HEADS * HEAD_DIM)
-               + kv_head * HEAD_DIM + d[None, :])
-    sz_offs = page * (PAGE_SIZE * KV_HEADS * 2) + (n % PAGE_SIZE) * (KV_HEADS * 2) + kv_head * 2  # int8 only
+    page, row = key_rows(block_tables_ptr, b, stride_bt, n, n_mask, kv_head, stride_cache_block,
+                         KV_HEADS, HEAD_DIM, PAGE_SIZE)
+    kv_offs = row[:, None] + d[None, :]  # (BLOCK_N, BLOCK_D)
+    sz_offs = scale_offsets(page, n, kv_head, KV_HEADS, PAGE_SIZE)  # int8 only
     k = _load_kv(k_cache_ptr, k_sz_ptr, kv_offs, sz_offs, kv_mask, n_mask, q.dtype, QUANT)
     s = _dot(q, tl.trans(k), UPCAST_DOT, DOT_PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
     if DIAGONAL:
