@@ -31,7 +31,7 @@ from engine.quant.rtn import quantize_rtn
 from kernels.gemv import linear_add_triton
 from kernels.kv_int8 import quantize_kv
 from kernels.paged_decode import DECODE_TILES, paged_decode_attention_torch, paged_decode_tiled
-from kernels.quant_gemv import _PRO_NONE, _quant_gemv
+from kernels.quant_gemv import _quant_gemv
 from kernels.quant_matmul import quant_matmul_triton
 from kernels.quant_weight import quant_linear_torch
 
@@ -71,8 +71,8 @@ def sweep() -> dict:
         rows = []
         for tiles in GEMV_CONFIGS[qw.bits]:
             try:
-                err = _err(_quant_gemv(x1, qw, None, res1, _PRO_NONE, tiles=tiles), ref1)
-                us = graph_timed([lambda q=q: _quant_gemv(x1, q, None, res1, _PRO_NONE, tiles=tiles) for q in qws])
+                err = _err(_quant_gemv(x1, qw, None, res1, tiles=tiles), ref1)
+                us = graph_timed([lambda q=q: _quant_gemv(x1, q, None, res1, tiles=tiles) for q in qws])
             except Exception as exc:  # a config the compiler refuses: noted, not fatal
                 print(f"gemv {name} {scheme} {tiles}: {type(exc).__name__}", flush=True)
                 continue

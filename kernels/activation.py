@@ -7,7 +7,7 @@ again. Not here: the projections themselves.
 import torch
 import torch.nn.functional as F
 
-from ._triton import triton, tl
+from ._triton import dependent_launch, dependent_launches, triton, tl
 
 _BLOCK_I = 1024  # columns per program: wide enough to stream, small enough to keep many programs per row
 
@@ -20,8 +20,9 @@ def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _silu_and_mul_kernel(
     x_ptr, y_ptr, stride_x, stride_y, I,
-    BLOCK_I: tl.constexpr,
+    BLOCK_I: tl.constexpr, PDL: tl.constexpr,
 ):
+    dependent_launch(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     mask = cols < I
@@ -44,5 +45,7 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     BLOCK_I = min(_BLOCK_I, triton.next_power_of_2(I))
     if x2.shape[0] > 0 and I > 0:
         grid = (x2.shape[0], triton.cdiv(I, BLOCK_I))
-        _silu_and_mul_kernel[grid](x2, y2, x2.stride(0), y2.stride(0), I, BLOCK_I=BLOCK_I, num_warps=4)
+        pdl = dependent_launches(x)
+        _silu_and_mul_kernel[grid](x2, y2, x2.stride(0), y2.stride(0), I, BLOCK_I=BLOCK_I, PDL=pdl, num_warps=4,
+                                   launch_pdl=pdl)
     return y

@@ -10,7 +10,7 @@ does), reading the cache (the attention kernels do), or the rotary table (engine
 
 import torch
 
-from ._triton import triton, tl
+from ._triton import dependent_launch, dependent_launches, triton, tl
 from .kv_int8 import check_quantized, quantize_kv
 from .rotary import _rotate_heads, _rotated, rotary_torch
 
@@ -82,8 +82,9 @@ def _rope_store_kv_kernel(
     stride_kc_slot, stride_kc_h, stride_vc_slot, stride_vc_h,
     n_q_heads, n_k_heads,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, QUANT: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr,
 ):
+    dependent_launch(PDL)
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + token)
     cols = tl.arange(0, BLOCK_HALF)
@@ -152,6 +153,7 @@ def rope_store_kv_triton(
     if T == 0:
         return
     Hk = k.shape[1]
+    pdl = dependent_launches(q)
     _rope_store_kv_kernel[(T,)](
         q, k, v, positions, cos_sin, k_cache, v_cache,
         k_scale_zero if quantized else k_cache, v_scale_zero if quantized else v_cache, slot_mapping,
@@ -159,6 +161,6 @@ def rope_store_kv_triton(
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
         Hq, Hk,
         HEAD_DIM=D, HALF=D // 2, BLOCK_HALF=triton.next_power_of_2(D // 2), BLOCK_D=triton.next_power_of_2(D),
-        BLOCK_HQ=triton.next_power_of_2(Hq), BLOCK_HK=triton.next_power_of_2(Hk), QUANT=quantized,
-        num_warps=4,
+        BLOCK_HQ=triton.next_power_of_2(Hq), BLOCK_HK=triton.next_power_of_2(Hk), QUANT=quantized, PDL=pdl,
+        num_warps=4, launch_pdl=pdl,
     )

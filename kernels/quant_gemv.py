@@ -1,10 +1,13 @@
 """The projections of kernels/gemv.py on a quantized weight (kernels/quant_weight.py): dequantize inside the GEMV.
 
-Same three ops, same fusions and the same numerics contract as gemv.py (`norm_linear`, `linear_add`,
-`act_linear_add`), for a `QuantWeight` of 4 or 8 bits. One row (batch-1 decode): one Triton GEMV that streams the
-packed weight once, dequantizes in registers and reduces in fp32, so a 4-bit step reads ~1/4 of bf16's bytes. Several
-rows: the norm / activation kernels, then the dequantize-GEMM (kernels/quant_matmul.py) with the residual add in
-its epilogue.
+Same three ops and the same numerics contract as gemv.py (`norm_linear`, `linear_add`, `act_linear_add`), for a
+`QuantWeight` of 4 or 8 bits. One row (batch-1 decode): the RMSNorm or SiLU kernel, then one Triton GEMV that
+streams the packed weight once, dequantizes in registers and reduces in fp32 (residual add and bias in its epilogue),
+so a 4-bit step reads ~1/4 of bf16's bytes. Unlike gemv.py's, the norm and the activation are not recomputed inside
+every program of the GEMV: for these short programs that prologue cost more than its own small kernel (Llama-2-7B
+w4a16 batch 1 on an H200: 363 -> 398 tokens/s). Several rows: the same kernels, then the dequantize-GEMM
+(kernels/quant_matmul.py) with the residual add in its epilogue. On Hopper the GEMV and those kernels launch with
+programmatic dependent launch (kernels/_triton.py `dependent_launches`).
 
 Scales are applied per group, not per weight: `sum_k (q*s + z) * x = s * sum_k q*x + z * sum_k x` over a group, so
 a tile multiplies integers by activations and scales once per (row, group). The launcher picks BLOCK_K so that a
@@ -19,35 +22,22 @@ summation order and in never rounding the dequantized weight to x's dtype.
 
 import torch
 
-from ._triton import triton, tl
+from ._triton import dependent_launch, dependent_launches, triton, tl
 from .activation import silu_and_mul_triton
 from .quant_matmul import quant_matmul_triton
 from .quant_weight import QuantWeight, quant_linear_torch
 from .rms_norm import rms_norm_triton
 
-_PRO_NONE, _PRO_NORM, _PRO_SILU_MUL = 0, 1, 2
 _MODE_PER_ROW, _MODE_TILE_IN_GROUP, _MODE_GROUPS_IN_TILE = 0, 1, 2
 _MAGIC = 0x4B000000  # the float 2^23: its mantissa's low 23 bits are an integer's
 
 
 @triton.jit
-def _x_at(x_ptr, norm_w_ptr, perm_ptr, k, k_mask, K, rstd,
-          PROLOGUE: tl.constexpr, HAS_PERM: tl.constexpr):
-    """The GEMV's input at (stored) columns k, in fp32, with the prologue applied as the unfused chain rounds it."""
+def _x_at(x_ptr, perm_ptr, k, k_mask, HAS_PERM: tl.constexpr):
+    """The GEMV's input at (stored) columns k, in fp32 (act-order: the input's columns perm[k])."""
     if HAS_PERM:
         k = tl.load(perm_ptr + k, mask=k_mask, other=0)
-    x_dtype = x_ptr.dtype.element_ty
-    if PROLOGUE == 2:
-        gate = tl.load(x_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
-        up = tl.load(x_ptr + K + k, mask=k_mask, other=0.0).to(tl.float32)
-        silu = (gate / (1.0 + tl.exp(-gate))).to(x_dtype).to(tl.float32)
-        xk = (silu * up).to(x_dtype).to(tl.float32)
-    else:
-        xk = tl.load(x_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
-        if PROLOGUE == 1:
-            nw = tl.load(norm_w_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
-            xk = ((xk * rstd).to(x_dtype).to(tl.float32) * nw).to(x_dtype).to(tl.float32)
-    return xk
+    return tl.load(x_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -112,28 +102,22 @@ def _words_dot(q, xw, BLOCK_W: tl.constexpr, BITS: tl.constexpr, code_mask, magi
 
 @triton.jit
 def _quant_gemv_kernel(
-    x_ptr, norm_w_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, res_ptr, y_ptr,
-    N, K, stride_qn, stride_sn, eps, code_mask, magic,
+    x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, res_ptr, y_ptr,
+    N, K, stride_qn, stride_sn, code_mask, magic,
     BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
-    PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, STAGES: tl.constexpr, FMA: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """q_ptr: the packed weight read as int32 words (stride_qn words a row); word w holds columns PER * w + j,
     j < PER, code j in bits [BITS * j, BITS * (j + 1)) (kernels/quant_weight.py's bytes, little-endian)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    rstd = 0.0
-    if PROLOGUE == 1:  # RMSNorm statistics of the one input row (order-free, so act-order needs no gather here)
-        cols = tl.arange(0, BLOCK_K)
-        sq = tl.zeros((BLOCK_K,), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            xk = tl.load(x_ptr + k0 + cols, mask=(k0 + cols) < K, other=0.0).to(tl.float32)
-            sq += xk * xk
-        rstd = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
     PER: tl.constexpr = 32 // BITS  # codes a word
     BLOCK_W: tl.constexpr = BLOCK_K // PER  # words a row a step
     wi = tl.arange(0, BLOCK_W)
     q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qn  # (BLOCK_N, 1)
+    dependent_launch(PDL)
     s_rows = s_ptr + rows.to(tl.int64)[:, None] * stride_sn
     z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_sn
     acc = tl.zeros((BLOCK_N, BLOCK_W), tl.float32)  # reduced over K once, after the loop
@@ -143,8 +127,8 @@ def _quant_gemv_kernel(
         word = k0 // PER + wi
         w_mask = word < K // PER
         q = tl.load(q_rows + word[None, :], mask=row_mask[:, None] & w_mask[None, :], other=0)
-        xw = _x_at(x_ptr, norm_w_ptr, perm_ptr, word[:, None] * PER + tl.arange(0, PER)[None, :],
-                   w_mask[:, None], K, rstd, PROLOGUE, HAS_PERM)  # (BLOCK_W, PER): the step's columns in order
+        xw = _x_at(x_ptr, perm_ptr, word[:, None] * PER + tl.arange(0, PER)[None, :], w_mask[:, None],
+                   HAS_PERM)  # (BLOCK_W, PER): the step's columns in order
         xs = tl.sum(xw, axis=1)
         qx = _words_dot(q, xw, BLOCK_W, BITS, code_mask, magic, FMA)
         if MODE == 0:  # one scale per row: applied after the loop
@@ -201,28 +185,28 @@ def _block_sizes(w: QuantWeight) -> tuple[int, int, int, int]:
 
 # bits -> (BLOCK_N, BLOCK_K, num_warps, num_stages) of the one-row GEMV: the least total time over the Llama-2-7B
 # projections on an H200 (graph-timed, weights past the L2 cache; `python -m bench.quant_sweep`), 2026-12-01:
-# 4-bit 6.7-22.7 us a projection (1.3-2.1 TB/s of packed weight), 8-bit 7.8-28 us (2.2-3.3 TB/s). 8-bit end to
-# end (w8a16 batch 1) measured faster with these tiles than with (8, 1024, 4, 3), which the GEMV alone prefers: the
-# fused RMSNorm / SiLU prologues are recomputed by every program, so fewer, taller programs pay them less often.
-GEMV_TILES = {4: (8, 2048, 4, 1), 8: (16, 512, 4, 3)}
+# 4-bit 6.7-22.7 us a projection (1.3-2.1 TB/s of packed weight), 8-bit 7.8-28 us (2.2-3.3 TB/s). End to end (batch
+# 1, dependent launches on) these also won: 4-bit 397 tokens/s against 371 with 4 rows a program for N = 4,096,
+# 306 with 2 stages, 340 with (8, 4096, 8, 1), 337 with 4 rows everywhere; 8-bit 349 against 281 with (16, 512, 4, 3).
+GEMV_TILES = {4: (8, 2048, 4, 1), 8: (8, 1024, 4, 3)}
 
 
-def _quant_gemv(x, w: QuantWeight, bias, residual, prologue, norm_weight=None, eps=0.0, tiles=None):
+def _quant_gemv(x, w: QuantWeight, bias, residual, tiles=None):
     N, K = w.shape
     BLOCK_N, BLOCK_K, warps, stages = tiles or _block_sizes(w)
     y = torch.empty((1, N), dtype=x.dtype, device=x.device)
     words = w.qweight.view(torch.int32)  # _gemv_ok: rows of whole, aligned words
+    pdl = dependent_launches(x)
     _quant_gemv_kernel[(triton.cdiv(N, BLOCK_N),)](
-        x, norm_weight if norm_weight is not None else x, words, w.scales,
-        w.zeros if w.zeros is not None else w.scales, w.perm if w.perm is not None else x,
+        x, words, w.scales, w.zeros if w.zeros is not None else w.scales, w.perm if w.perm is not None else x,
         bias if bias is not None else x, residual if residual is not None else x, y,
-        N, K, words.stride(0), w.scales.stride(0), eps, (1 << w.bits) - 1, _MAGIC,
+        N, K, words.stride(0), w.scales.stride(0), (1 << w.bits) - 1, _MAGIC,
         BITS=w.bits, GROUP=w.group_size, MODE=group_mode(w, BLOCK_K), HAS_ZERO=w.zeros is not None,
-        HAS_PERM=w.perm is not None, PROLOGUE=prologue, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, NG=max(BLOCK_K // w.group_size, 1),
+        HAS_PERM=w.perm is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, NG=max(BLOCK_K // w.group_size, 1),
         # the fused multiply-add for 4 bits on a GPU (CPU tensors mean TRITON_INTERPRET); bytes keep the subtraction
         # (see _plane_dot; their bias 2^23 + 128 * 2^(8e) times an fp32 x would also round)
-        STAGES=stages, FMA=x.is_cuda and w.bits == 4, num_warps=warps,
+        STAGES=stages, FMA=x.is_cuda and w.bits == 4, PDL=pdl, num_warps=warps, launch_pdl=pdl,
     )
     return y
 
@@ -260,20 +244,20 @@ def _linear_rows(x, w: QuantWeight, bias, residual=None):
 
 def quant_norm_linear_triton(x, norm_weight, eps, w: QuantWeight, bias=None):
     _check(x, w, w.shape[1], bias)
-    if not _gemv_ok(x, w):
-        return _linear_rows(rms_norm_triton(x, norm_weight, eps), w, bias)
-    return _quant_gemv(x, w, bias, None, _PRO_NORM, norm_weight.contiguous(), eps)
+    x = rms_norm_triton(x, norm_weight, eps)
+    return _quant_gemv(x, w, bias, None) if _gemv_ok(x, w) else _linear_rows(x, w, bias)
 
 
 def quant_linear_add_triton(x, w: QuantWeight, bias, residual):
     _check(x, w, w.shape[1], bias, residual)
     if not (_gemv_ok(x, w) and residual.is_contiguous()):
         return _linear_rows(x, w, bias, residual)
-    return _quant_gemv(x, w, bias, residual, _PRO_NONE)
+    return _quant_gemv(x, w, bias, residual)
 
 
 def quant_act_linear_add_triton(x, w: QuantWeight, residual):
     _check(x, w, 2 * w.shape[1], None, residual)
+    x = silu_and_mul_triton(x)
     if not (_gemv_ok(x, w) and residual.is_contiguous()):
-        return _linear_rows(silu_and_mul_triton(x), w, None, residual)
-    return _quant_gemv(x, w, None, residual, _PRO_SILU_MUL)
+        return _linear_rows(x, w, None, residual)
+    return _quant_gemv(x, w, None, residual)

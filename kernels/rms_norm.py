@@ -1,13 +1,14 @@
 """RMSNorm over rows: the norm in front of a projection when several rows share the weight (prefill, batches).
 
 Numerics follow HF `LlamaRMSNorm`: statistics in fp32, the normalised row rounded back to the input dtype, then
-multiplied by the weight (output dtype = promote(weight, x)). Not here: the one-row case, which runs fused into the
-projection's GEMV (kernels/gemv.py); LayerNorm (the vision tower uses torch's).
+multiplied by the weight (output dtype = promote(weight, x)). Also the one-row case in front of a quantized GEMV
+(kernels/quant_gemv.py); a dense weight's GEMV recomputes it in every program instead (kernels/gemv.py). Not here:
+LayerNorm (the vision tower uses torch's).
 """
 
 import torch
 
-from ._triton import triton, tl
+from ._triton import dependent_launch, dependent_launches, triton, tl
 
 _MAX_BLOCK_H = 65536  # one row per program, held in registers; wider rows than any LLM's hidden size
 
@@ -23,8 +24,9 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, w_ptr, y_ptr, stride_x, stride_y, H, eps,
-    BLOCK_H: tl.constexpr,
+    BLOCK_H: tl.constexpr, PDL: tl.constexpr,
 ):
+    dependent_launch(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
@@ -58,9 +60,10 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     y = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     y2 = y.view(-1, H)
     if x2.shape[0] > 0:
+        pdl = dependent_launches(x)
         _rms_norm_kernel[(x2.shape[0],)](
             x2, weight, y2, x2.stride(0), y2.stride(0), H, eps,
-            BLOCK_H=BLOCK_H,
+            BLOCK_H=BLOCK_H, PDL=pdl, launch_pdl=pdl,
             num_warps=min(max(BLOCK_H // 256, 1), 16),  # ~8 elements per thread per row
         )
     return y

@@ -20,14 +20,14 @@ def compile_one(fn, types: dict, consts: dict) -> None:
 
 
 def main():
-    for bits, group, mode, zero, perm, pro in [(4, 32, 2, True, False, 1), (4, 128, 1, True, True, 2),
-                                               (8, 4096, 0, False, False, 0), (8, 32, 2, False, True, 1)]:
+    for bits, group, mode, zero, perm in [(4, 32, 2, True, False), (4, 128, 1, True, True),
+                                          (8, 4096, 0, False, False), (8, 32, 2, False, True)]:
         compile_one(qg._quant_gemv_kernel,
-                    dict(x_ptr=BF16, norm_w_ptr=BF16, q_ptr="*i32", s_ptr="*fp32",
-                         z_ptr="*fp32", perm_ptr="*i64", bias_ptr=BF16, res_ptr=BF16, y_ptr=BF16, eps="fp32"),
-                    dict(BITS=bits, GROUP=group, MODE=mode, HAS_ZERO=zero, HAS_PERM=perm, PROLOGUE=pro,
-                         HAS_BIAS=True, HAS_RESIDUAL=True, BLOCK_N=16, BLOCK_K=1024, NG=max(1024 // group, 1),
-                         STAGES=1 if bits == 4 else 3))
+                    dict(x_ptr=BF16, q_ptr="*i32", s_ptr="*fp32", z_ptr="*fp32", perm_ptr="*i64", bias_ptr=BF16,
+                         res_ptr=BF16, y_ptr=BF16),
+                    dict(BITS=bits, GROUP=group, MODE=mode, HAS_ZERO=zero, HAS_PERM=perm, HAS_BIAS=True,
+                         HAS_RESIDUAL=True, BLOCK_N=16, BLOCK_K=1024, NG=max(1024 // group, 1),
+                         STAGES=1 if bits == 4 else 3, FMA=bits == 4, PDL=True))
     for bits, group, zero, perm, block_m in [(4, 32, True, False, 16), (4, 128, True, True, 32),
                                              (8, 4096, False, False, 64)]:
         compile_one(qm._quant_matmul_kernel,
@@ -46,7 +46,7 @@ def main():
         compile_one(ks._rope_store_kv_kernel,
                     dict(q_ptr=BF16, k_ptr=BF16, v_ptr=BF16, pos_ptr="*i64", cos_sin_ptr="*fp32", k_cache_ptr=cache,
                          v_cache_ptr=cache, k_sz_ptr="*fp16", v_sz_ptr="*fp16", slot_ptr="*i64"),
-                    dict(HEAD_DIM=128, HALF=64, BLOCK_HALF=64, BLOCK_D=128, BLOCK_HQ=32, BLOCK_HK=8, QUANT=quant))
+                    dict(HEAD_DIM=128, HALF=64, BLOCK_HALF=64, BLOCK_D=128, BLOCK_HQ=32, BLOCK_HK=8, QUANT=quant, PDL=quant))
         for group in (4, 1) if quant else (4,):  # int8 with one query head a KV head: the CUDA-core path
             compile_one(pd._paged_decode_kernel,
                         dict(q_ptr=BF16, k_cache_ptr=cache, v_cache_ptr=cache, k_sz_ptr="*fp16", v_sz_ptr="*fp16",

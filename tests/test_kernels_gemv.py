@@ -95,3 +95,14 @@ def test_twins_match_float64(dtype):
     # Roundings of the normed row (2 ulps) and of the output (1 ulp), plus the matmul's own accumulation.
     atol, rtol = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (6e-2, 6e-2)}[dtype]
     torch.testing.assert_close(norm_linear_torch(x, norm_w, EPS, w).double(), ref, atol=atol, rtol=rtol)
+
+
+def test_dependent_launches_only_for_gpu_tensors():
+    """Programmatic dependent launch is a Hopper launch attribute: CPU tensors (TRITON_INTERPRET) never ask for it,
+    and GPUs before sm_90 neither (checked on the GPU in tests/test_quant_gpu.py)."""
+    from kernels._triton import dependent_launches
+
+    assert not dependent_launches(torch.zeros(1))
+    if torch.cuda.is_available():
+        major = torch.cuda.get_device_capability()[0]
+        assert dependent_launches(torch.zeros(1, device="cuda")) == (major >= 9 and torch.version.hip is None)

@@ -10,9 +10,28 @@ that were not captured run eagerly.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 from typing import Callable
 
 import torch
+
+
+@contextlib.contextmanager
+def collector_paused():
+    """Python's cyclic garbage collector held off for CUDA-graph captures. A dead engine's graphs (objects in a
+    reference cycle) destroyed by the collector in the middle of a capture make an illegal CUDA call there, which
+    invalidates the capture: so the dead cycles go first, then the collector waits until the capture ends. Nested
+    uses leave it to the outermost."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 class GraphedForward:
@@ -28,7 +47,7 @@ class GraphedForward:
                 fn(self.static_in)
             torch.cuda.current_stream(device).wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
+            with collector_paused(), torch.cuda.graph(self.graph, pool=pool):
                 self.static_out = fn(self.static_in)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,8 +74,9 @@ class GraphedBatches:
             raise ValueError("max_rows must be at least 1")
         self.fn, self.row_shape, self.max_rows = fn, tuple(row_shape), max_rows
         pool = torch.cuda.graph_pool_handle()
-        self.graphs = {n: GraphedForward(fn, (n, *self.row_shape), dtype, device, pool)
-                       for n in range(1, max_rows + 1)}
+        with collector_paused():
+            self.graphs = {n: GraphedForward(fn, (n, *self.row_shape), dtype, device, pool)
+                           for n in range(1, max_rows + 1)}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.row_shape:

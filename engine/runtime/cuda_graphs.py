@@ -23,6 +23,7 @@ import torch
 
 from engine.models.attention import AttentionMetadata
 from engine.paging.sequence import Sequence
+from vision.graphed import collector_paused
 
 
 @torch.inference_mode()
@@ -31,14 +32,15 @@ def capture(sizes: list[int], forward: Callable[[int], Any], pool=None):
     a static tensor each replay rewrites}, the pool). Largest first, so the smaller graphs reuse its memory. Each
     size runs once eagerly before its capture: that compiles the Triton kernels and picks the cuBLAS kernels."""
     graphs, outputs = {}, {}
-    for size in sorted(sizes, reverse=True):
-        forward(size)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            outputs[size] = forward(size)
-        pool = graph.pool()
-        graphs[size] = graph
+    with collector_paused():
+        for size in sorted(sizes, reverse=True):
+            forward(size)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                outputs[size] = forward(size)
+            pool = graph.pool()
+            graphs[size] = graph
     torch.cuda.synchronize()
     return graphs, outputs, pool
 
