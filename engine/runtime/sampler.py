@@ -80,10 +80,13 @@ class Sampler:
         logits = logits / temps[:, None]
         best = self._best_kept(logits, seqs)
         index = None
-        if best is not None and None not in best[2]:  # every row draws over its own kept tokens alone
-            logits, index = best[0], best[1]
-        else:
+        if best is None:
             logits = self._top_k(logits, seqs)
+        elif None not in best[2]:  # every row draws over its own kept tokens alone
+            logits, index = best[0], best[1]
+        else:  # some rows without a top-k: full width, each other row cut at its k-th value (no second topk)
+            active = torch.tensor([n is not None for n in best[2]])[:, None]
+            logits = logits.masked_fill(active & (logits < best[3]), float("-inf"))
         logits = self._top_p(logits, seqs)
         probs = torch.softmax(logits, dim=-1)
         sampled = (probs / self._noise(probs, seqs, best, index is not None)).argmax(dim=-1)
@@ -94,9 +97,10 @@ class Sampler:
 
     @staticmethod
     def _best_kept(logits: torch.Tensor, seqs: list[Sequence]
-                   ) -> tuple[torch.Tensor, torch.Tensor, list[int | None]] | None:
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[int | None], torch.Tensor] | None:
         """The tokens top-k keeps (as `_top_k`: ties at a row's k-th value included), in token id order: (values,
-        the rest of a row -inf; their token ids; how many each row keeps, None for a row without a top-k). Host
+        the rest of a row -inf; their token ids; how many each row keeps, None for a row without a top-k; each row's
+        k-th value (B, 1), which `_top_k` would cut at; a greedy row counts as k = 1). Host
         tensors only, where reading the counts waits for nothing; None for device tensors, which keep to the
         full-width path (no host sync). Why: on a CPU a vocabulary-wide sort and noise draw cost milliseconds a row,
         more than a small model's decode step; over the kept tokens they cost microseconds. Token id order, not
@@ -114,7 +118,7 @@ class Sampler:
         dropped = top.values < kth
         order = top.indices.masked_fill(dropped, vocab).argsort(dim=-1)  # kept tokens by id, then the dropped
         values = top.values.masked_fill(dropped, float("-inf")).gather(1, order)
-        return values, top.indices.gather(1, order), kept
+        return values, top.indices.gather(1, order), kept, kth
 
     def _noise(self, probs: torch.Tensor, seqs: list[Sequence], best, over_best: bool) -> torch.Tensor:
         """Exponential(1) noise for `probs`, each row's from its own generator. A row's draws depend on that row
