@@ -91,20 +91,29 @@ def wait_for_streamed_answer(page) -> list[int]:
     return lengths
 
 
+def open_settings(page):
+    page.locator("button.label-wrap", has_text="Settings").first.click()  # the accordion, not the footer link
+
+
+def set_box(page, box, value: str, commit: str):
+    """Types `value` into a settings box and commits it (`commit`: the key that does, Enter or Tab).
+
+    The accordion mounts its boxes as it opens, and a fill that lands while they mount is reset to the default
+    (seen in CI on a loaded 2-core runner, for the sliders and the Seed box): type again until the value holds."""
+    box.wait_for(state="visible")
+    for _ in range(5):
+        box.fill(value)
+        box.press(commit)
+        page.wait_for_timeout(200)
+        if box.input_value() == value:
+            break
+    assert box.input_value() == value
+
+
 def set_greedy(page):
     """Temperature 0 in the Settings accordion, as a user would set it: the answer must not depend on sampling luck."""
-    page.locator("button.label-wrap", has_text="Settings").first.click()  # the accordion, not the footer link
-    box = page.get_by_label("number input for Temperature")
-    box.wait_for(state="visible")
-    # The accordion mounts its sliders as it opens, and a fill that lands while they mount is reset to the
-    # default (seen once in CI on a loaded 2-core runner): type again until the value holds.
-    for _ in range(5):
-        box.fill("0")
-        box.press("Enter")
-        page.wait_for_timeout(200)
-        if box.input_value() == "0":
-            break
-    assert box.input_value() == "0"
+    open_settings(page)
+    set_box(page, page.get_by_label("number input for Temperature"), "0", "Enter")
 
 
 def test_chat_about_a_photo_then_retry_undo_and_clear(page, tmp_path):
@@ -175,12 +184,11 @@ def test_stop_ends_the_reply_and_the_chat_goes_on(page):
 
 
 def test_an_invalid_seed_is_answered_in_the_chat_and_a_valid_one_works(page):
-    page.locator("button.label-wrap", has_text="Settings").first.click()
+    open_settings(page)
     seed = page.get_by_role("spinbutton", name="Seed", exact=True)
-    seed.wait_for(state="visible")
-    seed.fill("1e20")  # past the box's maximum (the engine's SEED_MAX): the page sends it, the chat answers it
-    seed.press("Tab")  # the box's change is committed before the message goes
-    assert seed.input_value() == "1e20"
+    # Past the box's maximum (the engine's SEED_MAX): the page sends it, the chat answers it. Tab commits the box's
+    # change before the message goes.
+    set_box(page, seed, "1e20", "Tab")
     page.fill("#chat-input textarea", "Say hello in one word.")
     page.press("#chat-input textarea", "Enter")
     deadline = time.monotonic() + REPLY_TIMEOUT_MS / 1000
@@ -205,7 +213,7 @@ def test_a_pdf_with_the_long_document_preset(page, tmp_path):
     """The preset menu sets the two sliders; a PDF made here goes in through the textbox's file input; the stats line
     counts the document and the embedded default reads the fact on its last page. Leaves a screenshot in
     artifacts/browser_document.png."""
-    page.locator("button.label-wrap", has_text="Settings").first.click()
+    open_settings(page)
     temperature = page.get_by_label("number input for Temperature")
     penalty = page.get_by_label("number input for Repetition penalty")
     temperature.wait_for(state="visible")
