@@ -1,8 +1,10 @@
 """A request body's generation parameters -> `GenerationSettings` per choice, checked, with the API's names.
 
 OpenAI's defaults (temperature 1, top_p 1, no max_tokens: the rest of the context); `top_k`, `repetition_penalty`
-and `ignore_eos` are extra body fields, as vLLM and SGLang take them. A parameter this server cannot honour
-(penalties, logprobs, tools, a response format) is refused with 400 naming it, never silently ignored. `n` choices
+and `ignore_eos` are extra body fields, as vLLM and SGLang take them; `presence_penalty`, `frequency_penalty` and
+`logit_bias` (token id strings -> bias) are OpenAI's, as are log-probabilities: chat's `logprobs` (a boolean) with
+`top_logprobs` (alternatives per token), completions' `logprobs` (the number of alternatives). A parameter this
+server cannot honour (tools, a response format, echo) is refused with 400 naming it, never silently ignored. `n` choices
 get seeds `seed, seed + 1, ...` when a seed is given, so a seeded request repeats exactly.
 """
 from __future__ import annotations
@@ -12,17 +14,12 @@ from typing import Any
 
 from api.errors import ApiError, invalid
 from engine.chat.types import GenerationSettings
-from engine.sampling_params import SEED_MAX, InvalidParameter
+from engine.sampling_params import LOGPROBS_MAX, SEED_MAX, InvalidParameter, unknown_tokens
 
 MAX_N = 16
 
 # Fields a client may send with these values (OpenAI's defaults): anything else is refused as unsupported.
 UNSUPPORTED = {
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "logit_bias": (None, {}),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "tools": (None, []),
     "functions": (None, []),
     "tool_choice": (None, "none", "auto"),
@@ -44,6 +41,7 @@ class Params:
     max_tokens_name: str  # "max_tokens" or "max_completion_tokens": what the client called it
     stream: bool
     include_usage: bool
+    logprobs: int | None  # None: no log-probabilities; else each token's with this many alternatives
 
     @property
     def n(self) -> int:
@@ -90,6 +88,39 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(stop)
 
 
+def _logit_bias(body: dict) -> dict[int, float]:
+    """OpenAI's logit_bias: an object whose keys are token ids written as strings; GenerationSettings checks the
+    biases, and the route the ids against the model's vocabulary."""
+    bias = _get(body, "logit_bias", (dict,), {})
+    ids = {}
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise ApiError(400, f"logit_bias keys must be token ids (whole numbers), not {key!r}",
+                           param="logit_bias", code="invalid_parameter")
+        ids[int(key)] = value
+    return ids
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """Chat: `logprobs` true, with `top_logprobs` alternatives (0 by default). Completions: `logprobs` is the number
+    of alternatives."""
+    if chat:
+        top = _get(body, "top_logprobs", (int,), None)
+        if not _get(body, "logprobs", (bool,), False):
+            if top is not None:
+                raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs",
+                               code="invalid_parameter")
+            return None
+        name, value = "top_logprobs", top or 0
+    else:
+        name, value = "logprobs", _get(body, "logprobs", (int,), None)
+        if value is None:
+            return None
+    if not 0 <= value <= LOGPROBS_MAX:
+        raise ApiError(400, f"{name} must be between 0 and {LOGPROBS_MAX}", param=name, code="invalid_parameter")
+    return value
+
+
 def _stream(body: dict) -> tuple[bool, bool]:
     stream = _get(body, "stream", (bool,), False)
     options = _get(body, "stream_options", (dict,), None)
@@ -100,7 +131,8 @@ def _stream(body: dict) -> tuple[bool, bool]:
     return stream, include
 
 
-def parse(body: dict) -> Params:
+def parse(body: dict, chat: bool = True) -> Params:
+    """`chat`: a chat completion's body, else a (legacy) completion's; they differ in `logprobs`."""
     _refuse_unsupported(body)
     max_tokens, max_name = _max_tokens(body)
     n = _get(body, "n", (int,), 1)
@@ -112,6 +144,9 @@ def parse(body: dict) -> Params:
                   top_p=_get(body, "top_p", (int, float), 1.0),
                   top_k=_get(body, "top_k", (int,), 0),
                   repetition_penalty=_get(body, "repetition_penalty", (int, float), 1.0),
+                  presence_penalty=_get(body, "presence_penalty", (int, float), 0.0),
+                  frequency_penalty=_get(body, "frequency_penalty", (int, float), 0.0),
+                  logit_bias=_logit_bias(body), logprobs=_logprobs(body, chat),
                   stop=_stop(body), ignore_eos=_get(body, "ignore_eos", (bool,), False))
     if common["top_k"] == -1:  # vLLM's spelling of "off"
         common["top_k"] = 0
@@ -121,10 +156,18 @@ def parse(body: dict) -> Params:
     except InvalidParameter as exc:
         raise invalid(exc, {"max_new_tokens": max_name}) from None
     stream, include_usage = _stream(body)
-    return Params(choices, max_tokens, max_name, stream, include_usage)
+    return Params(choices, max_tokens, max_name, stream, include_usage, common["logprobs"])
 
 
 def _nth_seed(seed: int, i: int) -> int:
     if not 0 <= seed <= SEED_MAX:
         raise InvalidParameter("seed", f"seed must be between 0 and {SEED_MAX}")
     return (seed + i) % (SEED_MAX + 1)
+
+
+def check_logit_bias(params: Params, vocab_size: int | None) -> None:
+    """400 naming logit_bias when it names a token id the model does not have (`vocab_size` None: not known here,
+    e.g. a remote backend, which checks them itself)."""
+    bias = params.choices[0].logit_bias
+    if vocab_size is not None and bias and bias[-1][0] >= vocab_size:
+        raise ApiError(400, unknown_tokens(bias, vocab_size), param="logit_bias", code="invalid_parameter")

@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.errors import ApiError, context_exceeded, from_finish, from_plan, invalid
 from api.media import MediaError, MediaFetcher
-from api.params import Params, parse
+from api.params import Params, check_logit_bias, parse
 from api.responses import Shape, streamed, whole
 from api.runs import Choice
 from documents.intake import DocumentError
@@ -70,7 +70,7 @@ class OpenAIEndpoints:
     # -- the work ---------------------------------------------------------------------------------------------
 
     async def _chat(self, body: dict) -> Response:
-        params = parse(body)
+        params = self._checked(parse(body, chat=True), "top_logprobs")
         messages = body.get("messages")
         try:
             sources = image_sources(messages)
@@ -91,17 +91,28 @@ class OpenAIEndpoints:
         plan = await run_in_threadpool(self.model.plan, system, turns, params.max_tokens, None, False)
         if plan.error:
             raise from_plan(plan, params.max_tokens, "messages")
-        return await self._run(Shape(self.model_name, chat=True), [plan], params, "messages")
+        return await self._run(self._shape(params, chat=True), [plan], params, "messages")
 
     async def _complete(self, body: dict) -> Response:
-        params = parse(body)
+        params = self._checked(parse(body, chat=False), "logprobs")
         prompt = body.get("prompt")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ApiError(400, "prompt must be a string or a non-empty list of strings (token ids are not "
                            "accepted)", param="prompt", code="invalid_parameter")
         plans = [await run_in_threadpool(self._raw_plan, p, params.max_tokens) for p in prompts]
-        return await self._run(Shape(self.model_name, chat=False), plans, params, "prompt")
+        return await self._run(self._shape(params, chat=False), plans, params, "prompt")
+
+    def _shape(self, params: Params, chat: bool) -> Shape:
+        return Shape(self.model_name, chat, self.model.token_pieces if params.logprobs is not None else None)
+
+    def _checked(self, params: Params, logprobs_name: str) -> Params:
+        """What only the model can check: a logit bias's token ids, and whether it gives log-probabilities."""
+        check_logit_bias(params, self.model.vocab_size)
+        if params.logprobs is not None and self.model.token_pieces is None:
+            raise ApiError(400, "Log-probabilities are not available here: this server relays another one.",
+                           param=logprobs_name, code="unsupported_parameter")
+        return params
 
     def _raw_plan(self, text: str, max_tokens: int | None) -> Plan:
         """Raw mode (no chat template), checked like `plan(..., fit=False)`: the numbers, or a 400."""

@@ -13,6 +13,7 @@ from typing import AsyncIterator
 
 from engine.chat.fan_in import merged
 from engine.chat.types import Finished, Plan, TextDelta
+from engine.sampling_params import TokenLogprob
 
 # Our finish reasons in OpenAI's words: a reply cut by the context is cut by length, as far as a client can tell.
 FINISH = {"stop": "stop", "length": "length", "context": "length", "abort": "abort", "error": "error"}
@@ -24,6 +25,7 @@ class Choice:
     plan: Plan
     events: AsyncIterator[TextDelta | Finished]
     text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # where the request asked
     finished: Finished | None = None
 
     @property
@@ -43,6 +45,7 @@ async def interleaved(choices: list[Choice]) -> AsyncIterator[tuple[Choice, Text
             choice = by_index[index]
             if isinstance(event, TextDelta):
                 choice.text.append(event.text)
+                choice.logprobs.extend(event.logprobs)
             else:
                 choice.finished = event
             yield choice, event

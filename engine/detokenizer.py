@@ -6,6 +6,8 @@ next token completes it. Text that could be the start of a stop string is held b
 """
 from __future__ import annotations
 
+import re
+
 REPLACEMENT = "\ufffd"
 CONTEXT_TOKENS = 5  # prompt tokens decoded before the reply so the first word keeps its leading space
 
@@ -78,3 +80,56 @@ class NoDetokenizer:
 
     def flush(self) -> str:
         return ""
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character that stands for each byte in its vocabularies."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+BYTE_LEVEL = _byte_level_alphabet()
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's piece for one raw byte
+
+
+class TokenPieces:
+    """One token's own text and bytes, as OpenAI's logprobs show them: the text it adds after a plain word (so a
+    SentencePiece token keeps its leading space), and its exact bytes, also where it holds part of a character
+    (then the text shows U+FFFD and the bytes are read off the vocabulary: a byte-fallback piece or GPT-2's
+    byte-level alphabet). Cached per id."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.anchor = tokenizer.encode("a", add_special_tokens=False)
+        self.anchor_text = self._decode(self.anchor)
+        self.cache: dict[int, tuple[str, bytes]] = {}
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def __call__(self, token_id: int) -> tuple[str, bytes]:
+        piece = self.cache.get(token_id)
+        if piece is None:
+            piece = self.cache[token_id] = self._piece(token_id)
+        return piece
+
+    def _piece(self, token_id: int) -> tuple[str, bytes]:
+        full = self._decode(self.anchor + [token_id])
+        text = full[len(self.anchor_text):] if full.startswith(self.anchor_text) else self._decode([token_id])
+        if REPLACEMENT not in text:
+            return text, text.encode()
+        vocab_piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if isinstance(vocab_piece, str):
+            if match := BYTE_FALLBACK.fullmatch(vocab_piece):
+                return text, bytes([int(match[1], 16)])
+            if vocab_piece and all(c in BYTE_LEVEL for c in vocab_piece):
+                return text, bytes(BYTE_LEVEL[c] for c in vocab_piece)
+        return text, text.encode()

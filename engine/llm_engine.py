@@ -22,7 +22,7 @@ goes on as without overlap; a step with prompt chunks is resolved at once.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -36,7 +36,7 @@ from engine.runtime.model_runner import LaunchedStep, ModelRunner
 from engine.models.decoder import add_lowp_copies
 from engine.quant.install import TIED_HEAD, place_for_cpu, quantize_weights
 from kernels.quant_weight import QuantWeight
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, TokenLogprob, unknown_tokens
 from engine.paging.scheduler import Batch, Chunk, Scheduler
 from engine.paging.sequence import EngineError, ErrorCode, FinishReason, ImageSpan, Score, Sequence
 from engine.vision_stage import VisionStage
@@ -57,6 +57,7 @@ class StepOutput:
     token_id: int | None  # None: the request ended without a new token (its image failed, say)
     text: str  # new text safe to show
     finish_reason: FinishReason | None
+    logprob: TokenLogprob | None = None  # the token's, where the request asked (SamplingParams.logprobs)
 
 
 @dataclass
@@ -65,6 +66,7 @@ class Completion:
     token_ids: list[int]
     prompt_tokens: int
     finish_reason: FinishReason
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, where the request asked
 
 
 def serving_rope(text_cfg: TextConfig, cfg: EngineConfig) -> RopeConfig:
@@ -111,6 +113,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, cfg, self.blocks, self.max_model_len, self.dtype, self.device,
                                   cuda_graphs=cfg.cuda_graphs and use_triton, rope=self.rope)
         self.eos_token_ids = frozenset(eos_token_ids or text_cfg.eos_token_ids)
+        self.vocab_size = text_cfg.vocab_size
         self.detokenizers: dict[int, IncrementalDetokenizer | NoDetokenizer] = {}
         self.inflight: LaunchedStep | None = None  # a decode step launched and not yet resolved (overlap only)
         self.vision: VisionStage | None = None  # set by `attach_images` for a model that reads images
@@ -140,9 +143,14 @@ class LLMEngine:
 
     def add_sequence(self, seq: Sequence) -> Sequence:
         """Queue a sequence; one that can never fit the context comes back finished with reason ERROR and code
-        CONTEXT_EXCEEDED, one with images on a model that reads none with BAD_IMAGE."""
+        CONTEXT_EXCEEDED, one with images on a model that reads none with BAD_IMAGE, one with a logit bias for a
+        token the model does not have with INVALID_PARAMETER."""
         if seq.images and any(span.embeds is None for span in seq.images) and self.vision is None:
             seq.finish(FinishReason.ERROR, EngineError(ErrorCode.BAD_IMAGE, "this model reads text only"))
+            return seq
+        if seq.params.logit_bias and seq.params.logit_bias[-1][0] >= self.vocab_size:
+            seq.finish(FinishReason.ERROR, EngineError(ErrorCode.INVALID_PARAMETER, unknown_tokens(
+                seq.params.logit_bias, self.vocab_size), param="logit_bias"))
             return seq
         if not self.scheduler.add(seq):
             return seq
@@ -252,7 +260,9 @@ class LLMEngine:
         nothing). A sequence finished meanwhile (aborted) gets nothing."""
         scored = self._add_scores(step) if step.losses is not None else []
         tokens = step.token_ids()
-        return scored + [self._advance(seq, tok) for seq, tok in zip(step.seqs, tokens) if not seq.is_finished]
+        return scored + [self._advance(seq, tok, lp) for seq, tok, lp in zip(step.seqs, tokens,
+                                                                             step.token_logprobs(tokens))
+                         if not seq.is_finished]
 
     def _add_scores(self, step: LaunchedStep) -> list[StepOutput]:
         """Each scoring chunk's NLL onto its request's total; a request whose prompt is all scored finishes."""
@@ -269,7 +279,7 @@ class LLMEngine:
                 outputs.append(StepOutput(seq, None, "", FinishReason.STOP))
         return outputs
 
-    def _advance(self, seq: Sequence, token: int) -> StepOutput:
+    def _advance(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> StepOutput:
         seq.append(token)
         detok = self.detokenizers[seq.seq_id]
         if token in self.eos_token_ids and not seq.params.ignore_eos:
@@ -282,7 +292,7 @@ class LLMEngine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self._release(seq)
-        return StepOutput(seq, token, text, reason)
+        return StepOutput(seq, token, text, reason, logprob)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                  images: list[tuple[ImageSpan, ...]] | None = None) -> list[Completion]:
@@ -291,11 +301,14 @@ class LLMEngine:
         images = images or [()] * len(prompts)
         seqs = [self.add_request(p, sp, im) for p, sp, im in zip(prompts, params_list, images)]
         texts = {s.seq_id: [] for s in seqs}
+        logprobs = {s.seq_id: [] for s in seqs}
         while self.has_work():
             for out in self.step():
                 texts[out.seq.seq_id].append(out.text)
-        return [Completion("".join(texts[s.seq_id]), s.output_ids, s.num_prompt_tokens, s.finish_reason)
-                for s in seqs]
+                if out.logprob is not None:
+                    logprobs[out.seq.seq_id].append(out.logprob)
+        return [Completion("".join(texts[s.seq_id]), s.output_ids, s.num_prompt_tokens, s.finish_reason,
+                           logprobs[s.seq_id]) for s in seqs]
 
     def score(self, prompts: list[list[int]]) -> list[float]:
         """The mean next-token cross-entropy of each prompt (LMDeploy's get_ppl; perplexity is its exp), run to the

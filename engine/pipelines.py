@@ -52,6 +52,7 @@ class GenerationConfig:
     random_seed: int | None = None
     stop_words: list[str] | tuple[str, ...] | None = None
     max_image_tokens: int | None = None
+    logprobs: int | None = None  # each token's log-probability with this many alternatives (Response.logprobs)
 
     def __post_init__(self):
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
@@ -67,7 +68,8 @@ class GenerationConfig:
             return GenerationSettings(
                 max_new_tokens=self.max_new_tokens, temperature=self.temperature if self.do_sample else 0.0,
                 top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty, seed=seed,
-                stop=tuple(self.stop_words or ()), ignore_eos=self.ignore_eos, max_image_tokens=self.max_image_tokens)
+                stop=tuple(self.stop_words or ()), ignore_eos=self.ignore_eos, max_image_tokens=self.max_image_tokens,
+                logprobs=self.logprobs)
         except InvalidParameter as exc:
             names = {"seed": "random_seed", "stop": "stop_words"}
             raise InvalidParameter(names.get(exc.param, exc.param), str(exc)) from None
@@ -85,6 +87,9 @@ class Response:
     finish_reason: str | None = None
     index: int = 0
     error: str | None = None
+    # with GenerationConfig.logprobs, LMDeploy's shape: per token, {token id: log-probability} of the token and its
+    # alternatives (the piece's own tokens, from stream_infer)
+    logprobs: list[dict[int, float]] | None = None
 
 
 @dataclass
@@ -93,7 +98,12 @@ class _Job:
     plan: Plan
     settings: GenerationSettings
     text: list[str] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)
     finished: Finished | None = None
+
+
+def _logprob_dicts(event: TextDelta) -> list[dict[int, float]]:
+    return [{**dict(lp.top), lp.token_id: lp.logprob} for lp in event.logprobs]
 
 
 class Pipeline:
@@ -194,8 +204,11 @@ class Pipeline:
                     job = by_index[index]
                     if isinstance(event, TextDelta):
                         job.text.append(event.text)
+                        job.logprobs += _logprob_dicts(event)
                         if out is not None:
-                            out.put(Response(event.text, 0, job.plan.prompt_tokens, None, index))
+                            out.put(Response(event.text, 0, job.plan.prompt_tokens, None, index,
+                                             logprobs=_logprob_dicts(event) if job.settings.logprobs is not None
+                                             else None))
                     else:
                         job.finished = event
                         if out is not None:
@@ -211,7 +224,8 @@ class Pipeline:
         return Response(text="".join(job.text) if text is None else text,
                         generate_token_len=stats.generated_tokens if stats else 0,
                         input_token_len=job.plan.prompt_tokens, finish_reason=reason, index=job.index,
-                        error=job.finished.message if reason == "error" and job.finished else None)
+                        error=job.finished.message if reason == "error" and job.finished else None,
+                        logprobs=(job.logprobs if text is None else []) if job.settings.logprobs is not None else None)
 
 
 def _normalize(prompts: Any) -> tuple[bool, list[list[dict]]]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from engine.llm_engine import LLMEngine
 from engine.paging.sequence import EngineError, FinishReason, ImageSpan, Score, Sequence
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ class Delta:
     text: str
     finish_reason: FinishReason | None = None
     error: EngineError | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # the step's token's, where the request asked (text may lag behind)
 
 
 @dataclass
@@ -208,7 +209,8 @@ class EngineServer:
                        for seq in self.engine.recover(f"{type(exc).__name__}: {exc}")]
             self._deliver(outputs, time.perf_counter())
             return
-        self._deliver([(o.seq, Delta(o.text, o.finish_reason, o.seq.error)) for o in outputs], time.perf_counter())
+        self._deliver([(o.seq, Delta(o.text, o.finish_reason, o.seq.error, (o.logprob,) if o.logprob else ()))
+                       for o in outputs], time.perf_counter())
         self._publish_positions()
 
     def _deliver(self, outputs: list[tuple[Sequence, Delta]], now: float) -> None:

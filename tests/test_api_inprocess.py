@@ -133,3 +133,90 @@ def test_image_urls_per_request_are_capped(url):
     reply = httpx.post(f"{url}/chat/completions", json={"model": "tiny", "messages": [
         {"role": "user", "content": parts + [{"type": "text", "text": "?"}]}]}, timeout=10)
     assert reply.status_code == 400 and reply.json()["error"]["code"] == "too_many_image_urls"
+
+
+class TokenSpy:
+    """Wraps the engine's sampler and keeps the tokens of the first row of each step (one request at a time)."""
+
+    def __init__(self, inner):
+        self.inner, self.tokens = inner, []
+
+    def __call__(self, logits, seqs, pending=None):
+        tokens = self.inner(logits, seqs, pending)
+        self.tokens.append(int(tokens[0]))
+        return tokens
+
+    def release(self, seq):
+        self.inner.release(seq)
+
+
+def test_logit_bias_steers_the_tokens(url, model, monkeypatch):
+    """A token at +100 is all a greedy reply says; the plain reply's first token at -100 is never said first; the
+    penalties stop a greedy reply from repeating its tokens (the tiny random model repeats itself without)."""
+    spy = TokenSpy(model.loaded.engine.runner.sampler)
+    monkeypatch.setattr(model.loaded.engine.runner, "sampler", spy)
+
+    def reply(**kw) -> list[int]:
+        spy.tokens.clear()
+        r = httpx.post(f"{url}/chat/completions", json=body(max_tokens=12, **kw), timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 12, r.text
+        return list(spy.tokens)
+
+    plain = reply()
+    favoured = 1 + max(plain)
+    assert reply(logit_bias={str(favoured): 100}) == [favoured] * 12
+    banned = reply(logit_bias={str(plain[0]): -100})
+    assert banned[0] != plain[0] and plain[0] not in banned
+    repeats = lambda ids: len(ids) - len(set(ids))
+    assert repeats(reply(frequency_penalty=2.0, presence_penalty=2.0)) < repeats(plain), plain
+
+
+def test_logprobs_in_chat_whole_and_streamed(url, model, monkeypatch):
+    """Chat's logprobs: one entry per generated token (the engine's tokens, their own text and bytes), the greedy
+    token the likeliest of its alternatives, the same entries whole and streamed."""
+    spy = TokenSpy(model.loaded.engine.runner.sampler)
+    monkeypatch.setattr(model.loaded.engine.runner, "sampler", spy)
+    pieces = model.token_pieces
+    whole = httpx.post(f"{url}/chat/completions", json=body(max_tokens=10, logprobs=True, top_logprobs=3),
+                       timeout=60).json()["choices"][0]
+    content = whole["logprobs"]["content"]
+    assert [e["token"] for e in content] == [pieces(t)[0] for t in spy.tokens] and len(content) == 10
+    for entry in content:
+        assert entry["bytes"] == list(pieces(spy.tokens[content.index(entry)])[1])
+        top = entry["top_logprobs"]
+        assert len(top) == 3 and [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+        assert top[0]["token"] == entry["token"] and top[0]["logprob"] == entry["logprob"] <= 0  # greedy
+    assert whole["logprobs"]["refusal"] is None
+    streamed = []
+    with httpx.stream("POST", f"{url}/chat/completions", timeout=60,
+                      json=body(max_tokens=10, logprobs=True, top_logprobs=3, stream=True)) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                streamed += (choice["logprobs"] or {}).get("content", [])
+    # the same entries; values within rounding (the second request may read the first's prompt from the cache)
+    assert [(e["token"], e["bytes"]) for e in streamed] == [(e["token"], e["bytes"]) for e in content]
+    assert all(abs(a["logprob"] - b["logprob"]) < 1e-4 for a, b in zip(streamed, content))
+    plain = httpx.post(f"{url}/chat/completions", json=body(max_tokens=3), timeout=60).json()["choices"][0]
+    assert plain["logprobs"] is None
+
+
+def test_logprobs_in_completions(url):
+    """The legacy shape: tokens, their log-probabilities, the alternatives as {text: logprob}, and text offsets."""
+    r = httpx.post(f"{url}/completions", json={"model": "tiny", "prompt": "A cat", "max_tokens": 8, "logprobs": 2,
+                                              "temperature": 0, "ignore_eos": True}, timeout=60)
+    lp = r.json()["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 8
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(8)]
+    for token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert 1 <= len(top) <= 2 and max(top.values()) == value and top.get(token, value) == value
+    streamed = []
+    with httpx.stream("POST", f"{url}/completions", timeout=60, json={
+            "model": "tiny", "prompt": "A cat", "max_tokens": 8, "logprobs": 2, "temperature": 0,
+            "ignore_eos": True, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                streamed.append(json.loads(line[6:])["choices"][0]["logprobs"])
+    merged = {k: sum((s[k] for s in streamed if s), []) for k in lp}
+    assert (merged["tokens"], merged["text_offset"]) == (lp["tokens"], lp["text_offset"])
+    assert all(abs(a - b) < 1e-4 for a, b in zip(merged["token_logprobs"], lp["token_logprobs"]))

@@ -3,7 +3,7 @@
 import pytest
 
 from api.errors import ApiError, context_exceeded
-from api.params import parse
+from api.params import check_logit_bias, parse
 from engine.chat.messages import image_sources, to_turns
 from engine.chat.types import ChatImage
 from engine.sampling_params import SEED_MAX, InvalidParameter
@@ -40,9 +40,8 @@ def test_invalid_parameters_are_named(body, param):
     assert info.value.status == 400 and info.value.param == param, info.value.message
 
 
-@pytest.mark.parametrize("body", [{"presence_penalty": 0.5}, {"logprobs": True}, {"tools": [{"type": "function"}]},
-                                  {"response_format": {"type": "json_object"}}, {"logit_bias": {"1": 5}},
-                                  {"frequency_penalty": 1}, {"best_of": 3}])
+@pytest.mark.parametrize("body", [{"tools": [{"type": "function"}]}, {"response_format": {"type": "json_object"}},
+                                  {"echo": True}, {"best_of": 3}, {"suffix": "end"}])
 def test_unsupported_parameters_are_refused_not_ignored(body):
     with pytest.raises(ApiError) as info:
         parse(body)
@@ -50,8 +49,55 @@ def test_unsupported_parameters_are_refused_not_ignored(body):
 
 
 def test_defaults_of_unsupported_parameters_are_accepted():
-    parse({"presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": False, "tools": [], "tool_choice": "none",
-           "response_format": {"type": "text"}, "logit_bias": None, "best_of": 1})
+    parse({"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "best_of": 1, "echo": False})
+
+
+def test_logprobs_in_chat_and_completion_shapes():
+    assert parse({}).logprobs is None and parse({"logprobs": False}).logprobs is None
+    assert parse({"logprobs": True}).logprobs == 0 and parse({"logprobs": True, "top_logprobs": 5}).logprobs == 5
+    assert parse({"logprobs": 3}, chat=False).logprobs == 3 and parse({"logprobs": 0}, chat=False).logprobs == 0
+    assert parse({}, chat=False).logprobs is None
+    assert parse({"logprobs": True, "top_logprobs": 4, "n": 2}).choices[1].logprobs == 4
+
+
+@pytest.mark.parametrize("body, chat, param", [
+    ({"top_logprobs": 2}, True, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, True, "top_logprobs"),
+    ({"logprobs": 2}, True, "logprobs"), ({"logprobs": True}, False, "logprobs"), ({"logprobs": -1}, False, "logprobs"),
+])
+def test_bad_logprobs_are_named(body, chat, param):
+    with pytest.raises(ApiError) as info:
+        parse(body, chat=chat)
+    assert info.value.status == 400 and info.value.param == param, info.value.message
+
+
+def test_openai_penalties_and_logit_bias():
+    s = parse({"presence_penalty": 0.5, "frequency_penalty": -1, "logit_bias": {"50256": -100, "7": 2.5}}).choices[0]
+    assert (s.presence_penalty, s.frequency_penalty, s.logit_bias) == (0.5, -1, ((7, 2.5), (50256, -100.0)))
+    assert s.sampling_params().logit_bias == ((7, 2.5), (50256, -100.0))
+    s = parse({"presence_penalty": 0, "frequency_penalty": None, "logit_bias": None}).choices[0]
+    assert (s.presence_penalty, s.frequency_penalty, s.logit_bias) == (0, 0.0, ())
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"presence_penalty": 2.5}, "presence_penalty", "between -2 and 2"),
+    ({"frequency_penalty": "high"}, "frequency_penalty", "a number"),
+    ({"logit_bias": {"7": 101}}, "logit_bias", "between -100 and 100"),
+    ({"logit_bias": {"cat": 1}}, "logit_bias", "token ids"), ({"logit_bias": {"-3": 1}}, "logit_bias", "token ids"),
+    ({"logit_bias": {"7": "up"}}, "logit_bias", "a number"), ({"logit_bias": [7, 1]}, "logit_bias", "an object"),
+])
+def test_bad_penalties_and_logit_bias_are_named(body, param, words):
+    with pytest.raises(ApiError) as info:
+        parse(body)
+    assert info.value.status == 400 and info.value.param == param and words in info.value.message, info.value.message
+
+
+def test_logit_bias_ids_are_checked_against_the_vocabulary():
+    params = parse({"logit_bias": {"10": 1, "99": 1, "100": 1}})
+    check_logit_bias(params, 101)
+    check_logit_bias(params, None)  # a remote backend: its server checks
+    with pytest.raises(ApiError) as info:
+        check_logit_bias(params, 100)
+    assert info.value.param == "logit_bias" and "(100)" in info.value.message and "0 to 99" in info.value.message
 
 
 def test_context_error_carries_the_numbers():

@@ -172,8 +172,52 @@ def test_invalid_parameter_names_it(server, client):
     kind, _, name = server
     body = bad_request(lambda: client.chat.completions.create(model=name, messages=ask("Hi"), top_p=3))
     assert body["param"] == "top_p"
-    body = bad_request(lambda: client.chat.completions.create(model=name, messages=ask("Hi"), presence_penalty=1))
-    assert body["param"] == "presence_penalty"
+    body = bad_request(lambda: client.chat.completions.create(model=name, messages=ask("Hi"), presence_penalty=3))
+    assert body["param"] == "presence_penalty" and "between -2 and 2" in body["message"]
+    body = bad_request(lambda: client.chat.completions.create(model=name, messages=ask("Hi"),
+                                                              response_format={"type": "json_object"}))
+    assert body["param"] == "response_format" and body["code"] == "unsupported_parameter"
+
+
+def test_logit_bias_and_penalties_are_taken(server, client):
+    """OpenAI's penalties and logit_bias go through the official client (what they do to the tokens:
+    tests/test_api_inprocess.py, tests/test_engine_parity.py); an id the model does not have is a 400 naming it."""
+    kind, _, name = server
+    kw = dict(model=name, messages=ask("Name some animals."), max_tokens=6, temperature=0,
+              extra_body={"ignore_eos": True})
+    reply = client.chat.completions.create(**kw, presence_penalty=1.5, frequency_penalty=2.0,
+                                           logit_bias={str(i): -100 for i in range(40, 400, 7)})
+    assert reply.choices[0].message.content and reply.usage.completion_tokens == 6
+    streamed = client.chat.completions.create(**kw, stream=True, presence_penalty=1.5, frequency_penalty=2.0,
+                                              logit_bias={str(i): -100 for i in range(40, 400, 7)})
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == reply.choices[0].message.content
+    body = bad_request(lambda: client.chat.completions.create(**kw, logit_bias={"999999999": 5}))
+    assert body["param"] == "logit_bias" and "999999999" in body["message"]
+    body = bad_request(lambda: client.completions.create(model=name, prompt="Hi", logit_bias={"7": 500}))
+    assert body["param"] == "logit_bias" and "between -100 and 100" in body["message"]
+
+
+def test_logprobs_through_the_official_client(server, client):
+    """The openai client parses chat's and the completions' log-probabilities, whole and streamed; the bytes of a
+    reply's tokens make up its text."""
+    kind, _, name = server
+    kw = dict(model=name, messages=ask("Name some animals."), max_tokens=8, temperature=0,
+              extra_body={"ignore_eos": True})
+    reply = client.chat.completions.create(**kw, logprobs=True, top_logprobs=2).choices[0]
+    content = reply.logprobs.content
+    assert len(content) == 8 and all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in content)
+    assert all(e.top_logprobs[0].logprob == e.logprob for e in content)  # greedy: the likeliest (or tied with it)
+    if kind == "default":  # real text: the tokens' bytes are the reply
+        assert bytes(b for e in content for b in e.bytes).decode() == reply.message.content
+    chunks = client.chat.completions.create(**kw, logprobs=True, top_logprobs=2, stream=True)
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    # the same tokens; the values within rounding (the second request reads the first's prompt from the cache)
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert all(abs(a.logprob - b.logprob) < 1e-3 for a, b in zip(streamed, content))
+    done = client.completions.create(model=name, prompt="The animals are", max_tokens=5, logprobs=3, temperature=0)
+    lp = done.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
+    assert "".join(lp.tokens) == done.choices[0].text or kind == "tiny"
 
 
 def test_key_and_model_are_checked(server):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from engine.paging.sequence import ErrorCode
 from engine.sampling_params import SamplingParams
 from tests.tiny_checkpoints import make_tiny_llava, random_png
 from tests.triton_setup import DEVICE, needs_triton
@@ -101,6 +102,98 @@ def test_greedy_48_tokens_match(checkpoint, image_bytes):
     assert ours.token_ids == theirs
     tokenizer = bundle.engine.tokenizer
     assert ours.text == tokenizer.decode(theirs, skip_special_tokens=True)
+
+
+class OpenAIPenalties:
+    """OpenAI's presence and frequency penalties as a transformers logits processor, over the reply's tokens (those
+    past the prompt): logit -= frequency * count + presence * (count > 0)."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float):
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        for row, ids in enumerate(input_ids[:, self.prompt_len:].tolist()):
+            for token in set(ids):
+                scores[row, token] -= self.frequency * ids.count(token) + self.presence
+        return scores
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_greedy_with_logit_bias_and_penalties_matches_hf(checkpoint, image_bytes, overlap):
+    """Logit bias, repetition penalty, then presence / frequency penalties (vLLM's order), as transformers'
+    SequenceBias and RepetitionPenalty processors and the formula above: the same 48 greedy tokens. With
+    `overlap`, each step's penalties count the token the step in flight has sampled (still on the device)."""
+    from transformers import LogitsProcessorList
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor
+
+    bundle = load_model(str(checkpoint), "cpu", "float32", overlap_decode=overlap)
+    ids, spans = our_plan(ChatModel(bundle), image_bytes).prepared
+    inputs = hf_inputs(checkpoint, image_bytes)
+    model = hf_model(checkpoint)
+    with torch.no_grad():
+        plain = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    bias = {7: 1.5, 11: 3.0, int(plain[0]): -100.0}  # two tokens favoured, the first greedy token banned
+    params = SamplingParams(max_new_tokens=48, ignore_eos=True, logit_bias=bias, repetition_penalty=1.2,
+                            presence_penalty=0.6, frequency_penalty=0.9)
+    ours = bundle.engine.generate([ids], params, [spans])[0]
+    prompt_len = inputs["input_ids"].shape[1]
+    processors = LogitsProcessorList([SequenceBiasLogitsProcessor({(t,): b for t, b in bias.items()}),
+                                      RepetitionPenaltyLogitsProcessor(1.2), OpenAIPenalties(prompt_len, 0.6, 0.9)])
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=48, do_sample=False, logits_processor=processors)
+    theirs = out[0, prompt_len:].tolist()
+    assert ours.token_ids == theirs
+    assert theirs[0] != int(plain[0]) and theirs != plain.tolist()[:len(theirs)]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_logprobs_match_hf_logits(checkpoint, image_bytes, overlap):
+    """Each token's log-probability and its 5 likeliest alternatives are the log-softmax of transformers' own
+    logits at that step (`output_logits`), within 1e-4, bias and penalties notwithstanding (the model's
+    distribution, as vLLM reports by default)."""
+    bundle = load_model(str(checkpoint), "cpu", "float32", overlap_decode=overlap)
+    ids, spans = our_plan(ChatModel(bundle), image_bytes).prepared
+    ours = bundle.engine.generate([ids], SamplingParams(max_new_tokens=12, ignore_eos=True, logprobs=5,
+                                                        logit_bias={9: 4.0}, presence_penalty=0.5), [spans])[0]
+    inputs = hf_inputs(checkpoint, image_bytes)
+    with torch.no_grad():
+        out = hf_model(checkpoint).generate(**inputs, max_new_tokens=1, do_sample=False, output_logits=True,
+                                            return_dict_in_generate=True)
+        first = torch.log_softmax(out.logits[0][0].float(), -1)
+        forced = torch.tensor([ours.token_ids[:-1]])  # the rest: teacher-forced on our tokens, one forward
+        full = hf_model(checkpoint)(**inputs | {"input_ids": torch.cat([inputs["input_ids"], forced], 1),
+                                                "attention_mask": None}).logits[0, -len(ours.token_ids):]
+    steps = [first] + list(torch.log_softmax(full[1:].float(), -1))
+    assert len(ours.logprobs) == len(ours.token_ids) == 12
+    for step, (lp, token, theirs) in enumerate(zip(ours.logprobs, ours.token_ids, steps)):
+        assert lp.token_id == token and abs(lp.logprob - float(theirs[token])) < 1e-4, step
+        values = [v for _, v in lp.top]
+        assert len(lp.top) == 5 and values == sorted(values, reverse=True)
+        assert all(abs(v - float(theirs[t])) < 1e-4 for t, v in lp.top), step
+        assert torch.allclose(torch.tensor(values), theirs.topk(5).values, atol=1e-4), step
+
+
+def test_logprobs_in_a_mixed_batch(checkpoint):
+    """Requests with and without logprobs (and with different numbers of alternatives) batched together: each gets
+    its own, the same as run alone."""
+    engine = load_model(str(checkpoint), "cpu", "float32", max_num_seqs=4).engine
+    prompts = [[1, 5, 9, 20], [3, 4, 5], [7, 8, 9, 10, 11]]
+    params = [SamplingParams(max_new_tokens=6, ignore_eos=True, logprobs=k) for k in (2, None, 0)]
+    together = engine.generate(prompts, params)
+    assert [len(c.logprobs) for c in together] == [6, 0, 6]
+    assert [len(lp.top) for lp in together[0].logprobs] == [2] * 6 and all(not lp.top for lp in together[2].logprobs)
+    for prompt, p, batched in zip(prompts, params, together):
+        alone = engine.generate([prompt], p)[0]
+        assert alone.token_ids == batched.token_ids
+        assert all(abs(a.logprob - b.logprob) < 1e-5 for a, b in zip(alone.logprobs, batched.logprobs))
+
+
+def test_a_logit_bias_past_the_vocabulary_is_refused_and_the_engine_goes_on(checkpoint):
+    engine = load_model(str(checkpoint), "cpu", "float32").engine
+    seq = engine.add_request([1, 2, 3], SamplingParams(logit_bias={5: 1.0, engine.vocab_size: -3.0}))
+    assert seq.is_finished and seq.error.code is ErrorCode.INVALID_PARAMETER and seq.error.param == "logit_bias"
+    assert str(engine.vocab_size) in seq.error.detail and not engine.has_work()
+    assert len(engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4, ignore_eos=True))[0].token_ids) == 4
 
 
 @pytest.mark.parametrize("overlap", [False, True])

@@ -77,3 +77,33 @@ def test_gpu_fp32_matches_cpu(checkpoint):
 
 def test_gpu_bf16_close_to_cpu(checkpoint):
     check(checkpoint, "bfloat16", 0.03)
+
+
+def test_gpu_logprobs_and_penalties_follow_the_steps_logits(checkpoint):
+    """On the GPU (CUDA graphs, the next step launched before this one's tokens are read): each token is the argmax
+    of its step's logits after bias and penalties (tests/test_sampler.py's reference, the pending token counted),
+    and its log-probability and alternatives are the log-softmax of those logits before them, copied to the host
+    with the tokens."""
+    from engine.paging.sequence import Sequence
+    from tests.test_sampler import reference_adjusted
+
+    _, (ids, spans) = cpu_plan(checkpoint)
+    bundle = load_model(str(checkpoint), "cuda", "float32")
+    spans = tuple(dataclasses.replace(s, embeds=s.embeds.to("cuda")) for s in spans)
+    recorder = RecordingSampler(bundle.engine.runner.sampler)
+    bundle.engine.runner.sampler = recorder
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True, logprobs=3, logit_bias={9: 2.0, 11: -50.0},
+                            repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.7)
+    out = bundle.engine.generate([ids], params, [spans])[0]
+    assert len(out.logprobs) == len(out.token_ids) == len(recorder.seen) == 24
+    seq = Sequence(ids, params)
+    for step, (logits, lp) in enumerate(zip(recorder.seen, out.logprobs)):
+        logits = logits.float().cpu()
+        want = torch.log_softmax(logits, -1)
+        assert lp.token_id == out.token_ids[step] and abs(lp.logprob - want[lp.token_id].item()) < 1e-4, step
+        assert all(abs(v - want[t].item()) < 1e-4 for t, v in lp.top), step
+        adjusted = reference_adjusted(logits, seq, None)
+        top2 = adjusted.topk(2).values
+        if top2[0] - top2[1] > 1e-4:  # a near-tie may go either way
+            assert lp.token_id == adjusted.argmax().item(), step
+        seq.append(lp.token_id)

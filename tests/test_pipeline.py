@@ -71,6 +71,19 @@ def test_stream_infer_gives_pieces_that_add_up(pipe):
         assert all(p.finish_reason is None for p in mine[:-1])
 
 
+def test_logprobs_in_lmdeploys_shape(pipe):
+    """GenerationConfig(logprobs=k): per token {id: log-probability} of the token and its k alternatives, whole and
+    from stream_infer's pieces alike; none without it."""
+    config = GenerationConfig(max_new_tokens=6, ignore_eos=True, logprobs=2)
+    whole = pipe("Hello there", config)
+    assert len(whole.logprobs) == 6
+    assert all(2 <= len(d) <= 3 and all(v <= 0 for v in d.values()) for d in whole.logprobs)
+    pieces = list(pipe.stream_infer("Hello there", config))
+    streamed = [d for p in pieces for d in p.logprobs]
+    assert [sorted(d) for d in streamed] == [sorted(d) for d in whole.logprobs]
+    assert pipe("Hello there", GREEDY).logprobs is None
+
+
 def test_leaving_stream_infer_early_aborts(pipe):
     stream = pipe.stream_infer("Hello there", GenerationConfig(max_new_tokens=400, ignore_eos=True))
     next(stream)

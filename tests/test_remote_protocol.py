@@ -49,11 +49,18 @@ def test_request_carries_the_conversation_and_only_the_settings_that_differ_from
     body, _, _ = answer(remote, stream=sse(delta("Hi", "stop"), b"[DONE]"), settings=settings)
     assert body["model"] == "served" and body["stream"] and body["stream_options"] == {"include_usage": True}
     assert (body["max_tokens"], body["temperature"], body["seed"], body["stop"]) == (32, 0.5, 3, ["END"])
-    assert "top_k" not in body and "repetition_penalty" not in body
+    assert not {"top_k", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias"} & set(body)
     system, user = body["messages"]
     assert system == {"role": "system", "content": "Be brief."}
     assert user["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
     assert user["content"][1] == {"type": "text", "text": "What is it?"}
+
+
+def test_openai_penalties_and_logit_bias_are_passed_on(remote):
+    settings = GenerationSettings(presence_penalty=0.5, frequency_penalty=-1.0, logit_bias={42: -100, 7: 2})
+    body, _, _ = answer(remote, stream=sse(delta("Hi", "stop"), b"[DONE]"), settings=settings)
+    assert (body["presence_penalty"], body["frequency_penalty"]) == (0.5, -1.0)
+    assert body["logit_bias"] == {"7": 2.0, "42": -100.0}
 
 
 def test_a_stream_with_usage_gives_text_and_stats(remote):

@@ -24,6 +24,7 @@ from engine.chat.budget import FitImage, Item, measure
 from engine.chat.budget import fit as _fit  # `fit` is also plan()'s switch
 from engine.chat.document_fit import DocumentShelf, FitDocument
 from engine.chat.types import ChatTurn, Finished, GenerationSettings, Plan, Queued, TextDelta, TurnStats
+from engine.detokenizer import TokenPieces
 from engine.families import load_model
 from engine.families.base import LoadedModel
 from engine.image_inputs import ImageInput
@@ -58,6 +59,8 @@ class ChatModel:
         self.intake_limits, self.document_limits = intake_limits, document_limits
         self.documents = DocumentShelf()
         self.server = EngineServer(loaded.engine)
+        # a token's text and bytes, for log-probabilities (GenerationSettings.logprobs)
+        self.token_pieces = TokenPieces(loaded.engine.tokenizer)
 
     @classmethod
     def load(cls, model: str | None = None, device: str | None = None, dtype: str = "auto",
@@ -71,6 +74,11 @@ class ChatModel:
     @property
     def context_len(self) -> int:
         return self.loaded.engine.context_len
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The token ids a logit bias may name: 0 .. vocab_size - 1."""
+        return self.loaded.engine.vocab_size
 
     @property
     def capacity(self) -> int:
@@ -210,9 +218,9 @@ class ChatModel:
                         shown = position
                         yield Queued(position)
                     continue
-                if delta.text:
+                if delta.text or delta.logprobs:
                     text.append(delta.text)
-                    yield TextDelta(delta.text)
+                    yield TextDelta(delta.text, delta.logprobs)
             yield self._finished(plan, request, "".join(text))
         finally:
             request.close()
@@ -227,9 +235,9 @@ class ChatModel:
         text = []
         try:
             async for delta in request:
-                if delta.text:
+                if delta.text or delta.logprobs:
                     text.append(delta.text)
-                    yield TextDelta(delta.text)
+                    yield TextDelta(delta.text, delta.logprobs)
             yield self._finished(plan, request, "".join(text))
         finally:
             request.close()

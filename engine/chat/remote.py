@@ -74,6 +74,14 @@ class RemoteChatModel:
     def sees_images(self) -> bool:
         return True  # the server says otherwise, in words, if it reads text only
 
+    @property
+    def vocab_size(self) -> int | None:
+        return None  # not known here: the server checks a logit bias's token ids
+
+    @property
+    def token_pieces(self) -> None:
+        return None  # log-probabilities are not relayed from the server
+
     def close(self) -> None:
         self.client.close()
 
@@ -186,6 +194,12 @@ class RemoteChatModel:
             body["top_k"] = settings.top_k
         if settings.repetition_penalty != 1.0:
             body["repetition_penalty"] = settings.repetition_penalty
+        if settings.presence_penalty:  # OpenAI's own fields, also left out at their defaults
+            body["presence_penalty"] = settings.presence_penalty
+        if settings.frequency_penalty:
+            body["frequency_penalty"] = settings.frequency_penalty
+        if settings.logit_bias:
+            body["logit_bias"] = {str(token): bias for token, bias in settings.logit_bias}
         if settings.seed is not None:
             body["seed"] = settings.seed
         if settings.stop:

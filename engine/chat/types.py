@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from engine.sampling_params import InvalidParameter, SamplingParams
+from engine.sampling_params import InvalidParameter, SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -51,13 +51,18 @@ class GenerationSettings:
     top_p: float = 0.9
     top_k: int = 50
     repetition_penalty: float = 1.1
+    presence_penalty: float = 0.0  # OpenAI's additive penalties and logit bias (engine.sampling_params)
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     max_image_tokens: int | None = None
+    logprobs: int | None = None  # each token's log-probability and this many alternatives (SamplingParams)
 
     def __post_init__(self):
-        self.sampling_params()  # the engine's own checks, with their messages
+        # the engine's own checks, with their messages; a logit bias is kept as its checked (id, bias) pairs
+        object.__setattr__(self, "logit_bias", self.sampling_params().logit_bias)
         if self.max_image_tokens is not None and (isinstance(self.max_image_tokens, bool) or
                                                   not isinstance(self.max_image_tokens, int) or
                                                   self.max_image_tokens < 1):
@@ -66,7 +71,9 @@ class GenerationSettings:
     def sampling_params(self, max_new_tokens: int | None = None) -> SamplingParams:
         return SamplingParams(max_new_tokens=max_new_tokens or self.max_new_tokens, temperature=self.temperature,
                               top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
-                              seed=self.seed, stop=self.stop, ignore_eos=self.ignore_eos)
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                              logit_bias=self.logit_bias, seed=self.seed, stop=self.stop, ignore_eos=self.ignore_eos,
+                              logprobs=self.logprobs)
 
 
 # The one home of generation defaults: the chat UI's sliders and handler, and the command line's flags.
@@ -105,6 +112,9 @@ class Plan:
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+    # the tokens' log-probabilities since the last delta, where the settings asked (GenerationSettings.logprobs);
+    # a delta may carry them with no text yet (the detokenizer holds back part of a character or a stop string)
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,11 @@ from engine.config import EngineConfig, RopeConfig
 from engine.runtime.kv_cache import allocate
 from engine.models.decoder import CausalLM
 from engine.runtime.rope import RotaryTable
-from engine.runtime.sampler import Sampler, to_device
+from engine.runtime.sampler import Sampler, model_logprobs, to_device
 from engine.runtime.scorer import chunk_nll
 from engine.paging.scheduler import Batch, Chunk
 from engine.paging.sequence import Sequence
+from engine.sampling_params import TokenLogprob
 from kernels.cpu_build import torch_on_one_thread
 
 
@@ -73,6 +74,9 @@ class LaunchedStep:
     host: torch.Tensor  # (B,) int64: pinned on CUDA; `tokens` itself elsewhere
     copied: torch.cuda.Event | None = None  # recorded after the copy to `host`; None where work is synchronous
     losses: torch.Tensor | None = None  # (C,) fp32 NLL sums of the batch's C scoring chunks, in row order
+    # Where rows asked for log-probabilities: those R rows' sampled tokens' (R,), top values (R, k) and ids (R, k),
+    # on the host (copied before `copied` is recorded): sampler.model_logprobs
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def chunk_losses(self) -> list[tuple[Chunk, float]]:
         """Each scoring chunk with its summed next-token NLL (waits for the step)."""
@@ -83,6 +87,23 @@ class LaunchedStep:
         if self.copied is not None:
             self.copied.synchronize()
         return self.host.tolist()
+
+    def token_logprobs(self, tokens: list[int]) -> list[TokenLogprob | None]:
+        """Each row's `TokenLogprob` for its token in `tokens` (`token_ids()`), None for a row that did not ask."""
+        if self.logprobs is None:
+            return [None] * len(tokens)
+        if self.copied is not None:
+            self.copied.synchronize()
+        chosen, values, ids = (iter(t.tolist()) for t in self.logprobs)  # the rows that asked, in batch order
+        out = []
+        for seq, token in zip(self.seqs, tokens):
+            k = seq.params.logprobs
+            if k is None:
+                out.append(None)
+                continue
+            top = tuple(zip(next(ids)[:k], next(values)[:k]))
+            out.append(TokenLogprob(token, next(chosen), top))
+        return out
 
 
 class ModelRunner:
@@ -244,15 +265,22 @@ class ModelRunner:
         assert after is None or batch.is_decode, "only a decode step takes its input from the device"
         seqs = batch.sampling
         pending = None if after is None else self._pending_ids(seqs, after)
+        logprobs = None
         with self._torch_threads(batch):
             logits, losses = self._logits(batch, pending)
-            tokens = (self.sampler(logits, seqs, pending) if logits is not None else
-                      torch.empty(0, dtype=torch.int64, device=self.device))
+            if logits is None:
+                tokens = torch.empty(0, dtype=torch.int64, device=self.device)
+            else:
+                wanted = model_logprobs(logits, seqs)  # before sampling adjusts the logits
+                tokens = self.sampler(logits, seqs, pending)
+                logprobs = None if wanted is None else wanted.pick(tokens)
         if self.device.type != "cuda":
-            return LaunchedStep(batch, seqs, tokens, tokens, losses=losses)
+            return LaunchedStep(batch, seqs, tokens, tokens, losses=losses, logprobs=logprobs)
         host, copied = self._outboxes[self._turn]
         self._turn ^= 1
         host = host[:len(seqs)]
         host.copy_(tokens, non_blocking=True)
+        if logprobs is not None:  # rare (a request asked): fresh host tensors, queued before `copied` is recorded
+            logprobs = tuple(t.to("cpu", non_blocking=True) for t in logprobs)
         copied.record()
-        return LaunchedStep(batch, seqs, tokens, host, copied, losses)
+        return LaunchedStep(batch, seqs, tokens, host, copied, losses, logprobs)

@@ -1,14 +1,19 @@
-"""Turns the last-position logits of a batch into next tokens: repetition penalty, temperature, top-k, top-p.
+"""Turns the last-position logits of a batch into next tokens: logit bias, penalties, temperature, top-k, top-p.
 
 Order and semantics follow transformers' `generate` (penalty on every token already in the sequence, then
-temperature, top-k, top-p). Sampling draws `probs / Exponential(1)` noise and takes the argmax, which equals a
-multinomial draw without a host sync (gpt-fast); a request with a seed draws its noise from its own generator, once
-per step it is in, so its output does not depend on what else is in the batch. On host tensors, where a count can
-be read for free, a row with a top-k draws over the tokens it keeps alone (`_best_kept`). The tokens come back as a
+temperature, top-k, top-p), with OpenAI's logit bias and presence / frequency penalties where vLLM applies them
+(the bias first; the additive penalties, over the reply's own tokens, after the repetition penalty). Sampling draws
+`probs / Exponential(1)` noise and takes the argmax, which equals a multinomial draw without a host sync
+(gpt-fast); a request with a seed draws its noise from its own generator, once per step it is in, so its output
+does not depend on what else is in the batch. On host tensors, where a count can be read for free, a row with a
+top-k draws over the tokens it keeps alone (`_best_kept`). The tokens come back as a
 device tensor and nothing here waits for the device: per-request values travel through pinned memory, so the engine
 can launch the next step before it reads these tokens (engine/llm_engine.py).
 """
 from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
 
 import torch
 
@@ -20,6 +25,37 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
     pinned one is queued. The pinned staging comes from torch's caching host allocator, which does not hand it out
     again before the copy has run."""
     return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+
+
+@dataclass(frozen=True)
+class ModelLogprobs:
+    """The log-probabilities under the model of a batch's rows that asked for them (`rows`, in batch order), taken
+    before sampling adjusts the logits: their log-softmax (R, V) and top `k` (values and ids, likeliest first) for
+    the widest k asked."""
+
+    rows: list[int]
+    full: torch.Tensor
+    top_values: torch.Tensor
+    top_ids: torch.Tensor
+
+    def pick(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the log-probabilities of those rows' sampled tokens (R,), top values (R, k), top ids (R, k)), on the
+        device; `tokens` (B,) is the whole batch's."""
+        mine = tokens if len(self.rows) == len(tokens) else tokens[to_device(self.rows, torch.long, tokens.device)]
+        return self.full.gather(1, mine[:, None])[:, 0], self.top_values, self.top_ids
+
+
+def model_logprobs(logits: torch.Tensor, seqs: list[Sequence]) -> ModelLogprobs | None:
+    """The model's log-probabilities for the rows of a batch that asked for them (`SamplingParams.logprobs`), None
+    where none did. Take them before sampling, which adjusts `logits` in place."""
+    rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    if not rows:
+        return None
+    if len(rows) < len(seqs):
+        logits = logits[to_device(rows, torch.long, logits.device)]
+    full = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(full, max(1, max(seqs[i].params.logprobs for i in rows)), dim=-1)
+    return ModelLogprobs(rows, full, top.values, top.indices)
 
 
 class Sampler:
@@ -39,6 +75,20 @@ class Sampler:
             gen.manual_seed(seq.params.seed)
             self.generators[seq.seq_id] = gen
         return gen
+
+    @staticmethod
+    def _add_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Each row's logit bias, added in one scatter over a (B, L) table of (id, bias); padding adds 0.0 to
+        token 0, which changes nothing. Ids past the logits' width were refused at admission (engine.llm_engine)."""
+        if not any(s.params.logit_bias for s in seqs):
+            return logits
+        vocab = logits.shape[-1]
+        rows = [[(t, b) for t, b in s.params.logit_bias if t < vocab] for s in seqs]
+        width = max(len(row) for row in rows)
+        ids = to_device([[t for t, _ in row] + [0] * (width - len(row)) for row in rows], torch.long, logits.device)
+        bias = to_device([[b for _, b in row] + [0.0] * (width - len(row)) for row in rows], torch.float32,
+                         logits.device)
+        return logits.scatter_add_(1, ids, bias)
 
     def _apply_penalty(self, logits: torch.Tensor, seqs: list[Sequence],
                        pending: torch.Tensor | None) -> torch.Tensor:
@@ -66,12 +116,37 @@ class Sampler:
         seen = logits.gather(1, ids)
         return logits.scatter_(1, ids, torch.where(seen < 0, seen * factor, seen / factor))
 
+    @staticmethod
+    def _additive_penalties(logits: torch.Tensor, seqs: list[Sequence],
+                            pending: torch.Tensor | None) -> torch.Tensor:
+        """OpenAI's presence and frequency penalties over each row's reply so far, its pending token included:
+        logit -= frequency * count + presence * (count > 0). The counts are a (B, V) table built by two scatter-adds
+        (the held tokens' counts, then the pending token), so a pending id that repeats a held one counts twice."""
+        presence = [s.params.presence_penalty for s in seqs]
+        frequency = [s.params.frequency_penalty for s in seqs]
+        if not any(presence) and not any(frequency):
+            return logits
+        vocab, dev = logits.shape[-1], logits.device
+        held = [collections.Counter(t for t in s.output_ids if t < vocab) if p or f else {}
+                for s, p, f in zip(seqs, presence, frequency)]
+        width = max(1, max(len(row) for row in held))
+        ids = to_device([list(row) + [0] * (width - len(row)) for row in held], torch.long, dev)
+        times = to_device([list(row.values()) + [0.0] * (width - len(row)) for row in held], torch.float32, dev)
+        counts = torch.zeros_like(logits).scatter_add_(1, ids, times)
+        if pending is not None:
+            counts.scatter_add_(1, pending[:, None], torch.ones_like(counts[:, :1]))
+        frequency = to_device(frequency, torch.float32, dev)[:, None]
+        presence = to_device(presence, torch.float32, dev)[:, None]
+        return logits - (counts * frequency + (counts > 0) * presence)
+
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
                  pending: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) int64 tokens on the logits' device. `pending` (B,): each sequence's token that a step still in
-        flight has sampled and the host has not appended yet; only the repetition penalty reads it."""
+        flight has sampled and the host has not appended yet; only the penalties read it."""
         # logits (B, V) float32
+        logits = self._add_bias(logits, seqs)
         logits = self._apply_penalty(logits, seqs, pending)
+        logits = self._additive_penalties(logits, seqs, pending)
         greedy = logits.argmax(dim=-1)
         if all(s.params.greedy for s in seqs):
             return greedy
