@@ -5,9 +5,10 @@ llama.cpp's CPU decode multiplies Q4_1 (and Q8_0) weights by activations rounded
 with integer dot products: 4x fewer bytes through the core than bf16 activations and one `vpdpbusd` per 64 byte
 pairs. `CpuQ8Weight` does the same for a `QuantWeight` whose groups are GGUF's (32 columns, fp16 scales and mins:
 the embedded default's Q4_1 projections and Q8_0 LM head), so their values stay exactly the file's; the only new
-rounding is the activation's (amax / 127 a group, as llama.cpp). `pack_q8` returns None for what the C code cannot
-take (other group sizes or scale dtypes, act-order, K > 4096, N % 4) and where the library has no VNNI build; the
-caller keeps its other kernels then. Whether this beats PyTorch's int4 kernel is measured, not assumed
+rounding is the activation's (amax / 127 a group, as llama.cpp). `gguf_groups` puts other weights in that form
+(round-to-nearest w4a16 / w8a16, AWQ, GPTQ without act-order: their groups are whole numbers of 32-column blocks).
+`pack_q8` returns None for what the C code cannot take (other group sizes or scale dtypes, act-order, K > 4096,
+N % 4) and where the library has no VNNI build; the caller keeps its other kernels then. Whether this beats PyTorch's int4 kernel is measured, not assumed
 (engine/quant/policy.py).
 
 `qgemv_torch` is the twin and the oracle: the same int8 codes, the products summed in fp32 in another order.
@@ -54,6 +55,28 @@ class CpuQ8Weight:
 
     def nbytes(self) -> int:
         return self.tiles.numel() + self.dm.numel() * 2
+
+
+FP16_NORMAL = (2.0 ** -14, 65504.0)  # fp16's normal range: a scale or zero inside it rounds by at most 2^-11
+
+
+def gguf_groups(w: QuantWeight) -> QuantWeight | None:
+    """`w` in GGUF's groups: 32 columns, fp16 scales and zeros, each 32-column block with its group's (a group of
+    128, AWQ's and GPTQ's usual size, is four such blocks; an 8-bit weight's one scale a row, K / 32 of them). The
+    codes are the same; scales and zeros not already fp16 are rounded to it (at most 2^-11 of each, far below a
+    4-bit step). None where that cannot be done: act-order, a group size not a multiple of 32, a scale or zero
+    outside fp16's normal range (it would lose more), or an 8-bit weight with zero points (the C code has none)."""
+    if w.perm is not None or w.group_size % GROUP or (w.bits == 8 and w.zeros is not None):
+        return None
+    for t in (w.scales, w.zeros):
+        if t is not None:
+            a = t.float().abs()
+            a = a[a > 0]
+            if a.numel() and not (FP16_NORMAL[0] <= a.min().item() and a.max().item() <= FP16_NORMAL[1]):
+                return None
+    blocks = w.group_size // GROUP
+    grouped = lambda t: None if t is None else t.to(torch.float16).repeat_interleave(blocks, dim=1)  # noqa: E731
+    return QuantWeight(w.qweight, grouped(w.scales), grouped(w.zeros), w.bits, GROUP)
 
 
 def pack_q8(w: QuantWeight) -> CpuQ8Weight | None:

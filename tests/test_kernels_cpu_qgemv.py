@@ -105,3 +105,46 @@ def test_torch_on_one_thread_keeps_the_pools_count_and_leaves_other_threads_alon
         assert (torch.get_num_threads(), pool_threads()) == (2, 2)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("bits, group, scale_dtype", [(4, 128, torch.bfloat16), (4, 64, torch.float32),
+                                                      (8, 256, torch.float32), (4, 32, torch.float16)])
+def test_gguf_groups_keep_the_codes_and_round_scales_to_fp16(bits, group, scale_dtype):
+    """Round-to-nearest / AWQ / GPTQ groups (multiples of 32 columns, any float scales) become GGUF's: the same
+    codes, each 32-column block with its group's scale and zero rounded to fp16; the C kernel then computes with them
+    as its twin does."""
+    from kernels.cpu_qgemv import gguf_groups
+
+    gen = torch.Generator().manual_seed(group + bits)
+    N, K = 12, 256
+    scales = (torch.rand(N, K // group, generator=gen) / 20 + 1e-3).to(scale_dtype)
+    if bits == 4:
+        q = torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=gen)
+        qw = QuantWeight(pack_int4(q), scales, (-torch.rand(N, K // group, generator=gen) / 3).to(scale_dtype), 4,
+                         group)
+    else:
+        qw = QuantWeight(torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen), scales, None, 8, group)
+    g = gguf_groups(qw)
+    assert g.group_size == 32 and g.scales.dtype == torch.float16 and torch.equal(g.qweight, qw.qweight)
+    want = dequantize(qw)
+    torch.testing.assert_close(dequantize(g), want, atol=2 ** -10 * want.abs().max().item(), rtol=0)
+    if scale_dtype == torch.float16:
+        assert torch.equal(dequantize(g), want)  # nothing to round
+    w = pack_q8(g)
+    x = torch.randn(3, K, generator=gen)
+    torch.testing.assert_close(w.linear(x), qgemv_torch(x, w), atol=2e-3, rtol=1e-5)
+
+
+def test_gguf_groups_refuse_what_they_cannot_keep():
+    from kernels.cpu_qgemv import gguf_groups
+
+    gen = torch.Generator().manual_seed(0)
+    qw = _weight(8, 128, 4, gen)
+    assert gguf_groups(QuantWeight(qw.qweight, qw.scales[:, ::2], qw.zeros[:, ::2], 4, 64)) is not None
+    odd = QuantWeight(qw.qweight, torch.ones(8, 8).half(), None, 4, 16)
+    assert gguf_groups(odd) is None  # 16 columns a group: not whole 32-column blocks
+    assert gguf_groups(QuantWeight(qw.qweight, qw.scales, qw.zeros, 4, 32, perm=torch.arange(128))) is None
+    tiny = QuantWeight(qw.qweight, torch.full((8, 4), 1e-6), None, 4, 32)
+    assert gguf_groups(tiny) is None  # below fp16's normal range: rounding would lose more than 2^-11
+    w8 = _weight(8, 128, 8, gen)
+    assert gguf_groups(QuantWeight(w8.qweight, w8.scales, w8.scales, 8, 32)) is None  # 8 bits with zero points

@@ -6,8 +6,9 @@ import torch
 
 from engine.chat import ChatImage, ChatModel, ChatTurn, GenerationSettings
 from engine.options import add_model_args, model_kwargs
-from kernels.quant_weight import QuantWeight
+from kernels.cpu_qgemv import CpuQ8Weight
 from kernels.quant_cpu import CpuInt8Weight
+from kernels.quant_weight import QuantWeight
 from tests.tiny_checkpoints import make_tiny_llava, random_png
 
 
@@ -43,7 +44,7 @@ def test_quantized_weights_and_int8_cache_through_the_flags(tmp_path):
         assert engine.cfg.quantize == "w8a16" and engine.cfg.kv_cache_dtype == "int8"
         proj = engine.model.model.layers[0].self_attn.o_proj
         assert isinstance(getattr(proj, "quant", None), QuantWeight) or isinstance(getattr(proj, "lowp", None),
-                                                                                   CpuInt8Weight)
+                                                                                   (CpuInt8Weight, CpuQ8Weight))
         assert engine.model.model.layers[0].self_attn.attn.k_cache.dtype == torch.uint8
         plan = model.plan("", [ChatTurn("user", "Hi", (ChatImage(random_png(), "x.png"),))], 6)
         events = list(model.stream(plan, GenerationSettings(max_new_tokens=6, temperature=0.0)))

@@ -10,10 +10,12 @@ After, on a CPU (`place_for_cpu`): PyTorch's int4/int8 kernels are GEMVs, 10-30x
 prefill sizes, so each quantized Linear gets
   - `weight`: the dequantized weight in the model's dtype, a dense Parameter for prefill (the quantized model's own
     values, so prefill and decode compute with one set of weights), and
-  - `lowp`: the weight packed for the decode steps (few rows, `Linear.weight_for`) to read. GGUF's groups (Q4_1,
-    Q8_0: 32 columns, fp16 scales) go to kernels/cpu_qgemv.c, int8 activations on AVX512-VNNI, where the policy
-    measured it faster (engine/quant/policy.py); the rest to `aten._weight_int4pack_mm_for_cpu` /
-    `_weight_int8pack_mm` (kernels/quant_cpu.py). 8-bit weights in groups are re-rounded to one scale per row for
+  - `lowp`: the weight packed for the decode steps (few rows, `Linear.weight_for`) to read. Weights in GGUF's
+    groups (Q4_1, Q8_0: 32 columns, fp16 scales) or that can be put in them (round-to-nearest w4a16 / w8a16, AWQ,
+    GPTQ without act-order: `gguf_groups`, which rounds scales to fp16 where they are not, and then both weights
+    use those) go to kernels/cpu_qgemv.c, int8 activations on AVX512-VNNI, where the policy measured it faster
+    (engine/quant/policy.py); the rest to `aten._weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm`
+    (kernels/quant_cpu.py). 8-bit weights in groups are re-rounded to one scale per row for
     the latter: one more rounding, of at most half a row's step (bench/quant_quality.py measures it on the embedded
     default's Q8_0 head). Shapes no kernel takes: bf16.
 A tied LM head whose checkpoint ships a quantized copy (a GGUF's Q8_0 embedding: engine/quant/gguf.py) gets it the
@@ -27,7 +29,7 @@ from torch import nn
 from engine.models.decoder import PACKED, Linear
 from engine.quant.rtn import SCHEMES, quantize_rtn
 from engine.quant.policy import cpu_policy
-from kernels.cpu_qgemv import pack_q8
+from kernels.cpu_qgemv import gguf_groups, pack_q8
 from kernels.quant_cpu import pack_for_cpu
 from kernels.quant_weight import QuantWeight, dequantize
 
@@ -59,10 +61,15 @@ def quantize_weights(weights: dict, scheme: str | None) -> dict:
     return out
 
 
-def _pack(qw: QuantWeight):
-    """GGUF groups on the int8-activation C kernel where it measured faster (policy.py), else aten's layouts."""
-    fast = pack_q8(qw) if qw.group_size == 32 and cpu_policy().int8_act_decode else None
-    return fast if fast is not None else pack_for_cpu(qw)
+def _pack(qw: QuantWeight) -> tuple[QuantWeight, object]:
+    """(the weight as it will run, its decode form): in GGUF's groups on the int8-activation C kernel where that
+    measured faster (policy.py) and the weight can take them (kernels/cpu_qgemv.py `gguf_groups`), else as it is in
+    aten's layouts (None where neither takes it)."""
+    if cpu_policy().int8_act_decode and (grouped := gguf_groups(qw)) is not None:
+        fast = pack_q8(grouped)
+        if fast is not None:
+            return grouped, fast
+    return qw, pack_for_cpu(qw)
 
 
 def place_for_cpu(model: nn.Module, dtype: torch.dtype, tied_head: QuantWeight | None = None) -> int:
@@ -72,14 +79,15 @@ def place_for_cpu(model: nn.Module, dtype: torch.dtype, tied_head: QuantWeight |
         if not isinstance(module, Linear):
             continue
         qw = module.weight if isinstance(module.weight, QuantWeight) else None
-        if qw is not None:
-            del module.weight  # the plain attribute the loader set
-            module.weight = nn.Parameter(dequantize(qw, dtype), requires_grad=False)
-        elif name == "lm_head" and tied_head is not None:
+        tied = qw is None and name == "lm_head" and tied_head is not None
+        if tied:
             qw = tied_head  # its dense weight is the embedding table
         if qw is None:
             continue
-        packed = _pack(qw)
+        qw, packed = _pack(qw)
+        if not tied:  # prefill's dense weight: the values decode runs (scales as `_pack` keeps them)
+            del module.weight  # the plain attribute the loader set
+            module.weight = nn.Parameter(dequantize(qw, dtype), requires_grad=False)
         if packed is None and qw.bits == 8:  # groups (GGUF Q8_0, GPTQ 8-bit): the int8 kernel has one scale a row
             packed = pack_for_cpu(quantize_rtn(dequantize(qw), "w8a16"))
         module.lowp = packed if packed is not None else (

@@ -11,8 +11,8 @@ thread: on a busy 2-core box all five came out at ~7.6 ms with 2 threads, 0.3-1.
   - `dtype`: bf16 when its prefill matmul is clearly faster (x1.3), else fp32.
   - `decode_weight_dtype`: with fp32, a bf16 copy of each weight for decode steps when its GEMV is faster.
   - `int8_act_decode`: whether kernels/cpu_qgemv.c (GGUF-grouped weights times int8 activations on AVX512-VNNI,
-    llama.cpp's scheme; timed only where it was built) beats PyTorch's int4 kernel; GGUF blocks then run on it
-    (engine/quant/install.py).
+    llama.cpp's scheme; timed only where it was built) beats PyTorch's int4 kernel; GGUF blocks, and 4- and 8-bit
+    weights put in their groups, then run on it (engine/quant/install.py; aten's int8 kernel is slower still).
   - `int4_decode`: whether the faster of those two beats that dense decode GEMV; the embedded default then keeps its
     GGUF's 4-bit blocks (engine/families/embedded.py).
 """
