@@ -37,6 +37,7 @@ int qgemv_available(void) { return QGEMV_SIMD; }
 #if QGEMV_SIMD
 #define MAX_THREADS 64
 #define MAX_ROWS 16      /* activation rows a call (decode batch) */
+#define MAX_K 16384      /* columns a call (a 7B's down_proj: 11008; a 13B's: 13824) */
 #define SPIN_NS 2000000  /* a worker's spin before it sleeps: 2 ms */
 
 typedef struct {
@@ -191,12 +192,14 @@ static void quantize_row(const void *x, int bf16, int64_t K, int8_t *q, float *d
 #endif
 
 /* y (M, N) = [residual +] x (M, K) times the tiled weight's transpose; x, y, residual fp32 or bf16 (`bf16`), x's
- * rows stride_x apart, y and residual contiguous. M <= 16, K <= 4096, K % 32 == 0, N % 4 == 0. */
+ * rows stride_x apart, y and residual contiguous. M <= 16, K <= 16384, K % 32 == 0, N % 4 == 0. */
 void qgemv(const void *x, int64_t stride_x, int64_t bf16, int64_t M, const uint8_t *tiles, const uint16_t *dm,
            int64_t bits, int64_t N, int64_t K, void *y, const void *residual, int64_t threads) {
 #if QGEMV_SIMD
-    int8_t xq[MAX_ROWS * 4096];
-    float xd[MAX_ROWS * 128], xs[MAX_ROWS * 128];
+    /* the quantized activations: 320 KB at most, per calling thread (not its stack: a thread's may be small); the
+     * workers read them through `job` while this thread waits for them */
+    static _Thread_local int8_t xq[MAX_ROWS * MAX_K];
+    static _Thread_local float xd[MAX_ROWS * (MAX_K / 32)], xs[MAX_ROWS * (MAX_K / 32)];
     for (int64_t m = 0; m < M; m++)
         quantize_row((const char *)x + m * stride_x * (bf16 ? 2 : 4), bf16, K, xq + m * K, xd + m * (K / 32),
                      xs + m * (K / 32));

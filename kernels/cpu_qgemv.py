@@ -7,9 +7,9 @@ pairs. `CpuQ8Weight` does the same for a `QuantWeight` whose groups are GGUF's (
 the embedded default's Q4_1 projections and Q8_0 LM head), so their values stay exactly the file's; the only new
 rounding is the activation's (amax / 127 a group, as llama.cpp). `gguf_groups` puts other weights in that form
 (round-to-nearest w4a16 / w8a16, AWQ, GPTQ without act-order: their groups are whole numbers of 32-column blocks).
-`pack_q8` returns None for what the C code cannot take (other group sizes or scale dtypes, act-order, K > 4096,
-N % 4) and where the library has no VNNI build; the caller keeps its other kernels then. Whether this beats PyTorch's int4 kernel is measured, not assumed
-(engine/quant/policy.py).
+`pack_q8` returns None for what the C code cannot take (other group sizes or scale dtypes, act-order,
+K > 16384, N % 4) and where the library has no VNNI build; the caller keeps its other kernels then. Whether this
+beats PyTorch's int4 kernel is measured, not assumed (engine/quant/policy.py).
 
 `qgemv_torch` is the twin and the oracle: the same int8 codes, the products summed in fp32 in another order.
 Not here: the C build (kernels/cpu_build.py), aten's int4 / int8 kernels (kernels/quant_cpu.py).
@@ -22,7 +22,7 @@ from .cpu_build import library, pool_threads
 from .quant_weight import QuantWeight, unpack_int4
 
 GROUP = 32
-MAX_ROWS, MAX_K = 16, 4096  # the C code's stack buffers: activation rows a call, columns
+MAX_ROWS, MAX_K = 16, 16384  # the C code's activation buffers: rows a call, columns (a 7B's down_proj: 11008)
 
 
 def available() -> bool:

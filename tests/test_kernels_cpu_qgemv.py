@@ -5,7 +5,7 @@ the C code cannot take."""
 import pytest
 import torch
 
-from kernels.cpu_qgemv import CpuQ8Weight, available, pack_q8, qgemv_torch, quantize_act, unpack_q8
+from kernels.cpu_qgemv import MAX_K, CpuQ8Weight, available, pack_q8, qgemv_torch, quantize_act, unpack_q8
 from kernels.quant_weight import QuantWeight, dequantize, pack_int4
 
 pytestmark = pytest.mark.skipif(not available(), reason="no AVX512-VNNI build here: aten's kernels run instead")
@@ -27,7 +27,7 @@ def _weight(N: int, K: int, bits: int, gen: torch.Generator) -> QuantWeight:
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", list(TOL), ids=str)
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("M, N, K", [(1, 4, 32), (3, 340, 576), (9, 1028, 1536)])
+@pytest.mark.parametrize("M, N, K", [(1, 4, 32), (3, 340, 576), (9, 1028, 1536), (16, 12, 11008)])
 def test_qgemv_matches_twin(M, N, K, bits, dtype, threads):
     gen = torch.Generator().manual_seed(M * N + bits)
     qw = _weight(N, K, bits, gen)
@@ -71,6 +71,8 @@ def test_pack_refuses_what_the_c_code_cannot_take():
     assert pack_q8(QuantWeight(qw.qweight[:6], qw.scales[:6], qw.zeros[:6], 4, 32)) is None  # N % 4
     assert pack_q8(QuantWeight(qw.qweight, qw.scales[:, :1], qw.zeros[:, :1], 4, 64)) is None  # group 64
     assert isinstance(pack_q8(qw), CpuQ8Weight)
+    assert isinstance(pack_q8(_weight(4, MAX_K, 4, gen)), CpuQ8Weight)
+    assert pack_q8(_weight(4, MAX_K + 32, 4, gen)) is None  # past the C code's activation buffers
 
 
 def test_other_dtypes_and_batches_fall_back_to_the_twin():
