@@ -557,7 +557,7 @@ def api_routes(model, args: argparse.Namespace) -> list:
     from api import openai_router
 
     name = args.served_model_name or args.model or model.name
-    aliases = [a for a in (args.model, model.name) if a and a != name]
+    aliases = [a for a in (args.model, model.model_id, model.name) if a and a != name]
     return openai_router(model, name, args.api_key, args.allowed_media_domains, aliases).routes
 
 

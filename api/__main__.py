@@ -3,7 +3,8 @@
     python -m api --model default --port 8000 [--api-key KEY] [--allowed-media-domains upload.wikimedia.org]
 
 Requests may name the model by `--served-model-name` (default: the `--model` value, else the model's name), by the
-`--model` value, or by the model's own long name. No access log is written (no client addresses in logs).
+`--model` value (or "default" for the embedded model, however it was chosen), or by the model's own long name. No
+access log is written (no client addresses in logs).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def build_app(model, name: str, args: argparse.Namespace):
 
     from api import openai_router
 
-    aliases = [a for a in (args.model, model.name) if a]
+    aliases = [a for a in (args.model, model.model_id, model.name) if a]
     app = FastAPI(title="VisionChat OpenAI-compatible API")
     app.include_router(openai_router(model, name, args.api_key, args.allowed_media_domains, aliases))
     return app

@@ -235,3 +235,15 @@ def test_a_pdf_with_the_long_document_preset(page, tmp_path):
     assert "4817" in answer_text(page), answer_text(page)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "browser_document.png"), full_page=True)
+
+
+def test_the_plain_apps_api_answers_to_default(app_url):
+    """`python app.py` with no --model serves the embedded default (no Hub here); the API knows it by its served
+    name and by "default", the name `--model` takes for it."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{app_url.rstrip('/')}/v1", api_key="unused", max_retries=0, timeout=120)
+    served = client.models.list().data[0].id
+    for name in (served, "default"):
+        reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=2, temperature=0)
+        assert reply.usage.completion_tokens >= 1

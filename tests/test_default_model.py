@@ -35,6 +35,7 @@ def reply(model, turns, settings=GenerationSettings(temperature=0, max_new_token
 
 
 def test_default_answers_the_cat_question(model, cat_png):
+    assert model.model_id == "default"  # what `load` takes to load it again (an API alias)
     plan, text, done = reply(model, [ChatTurn("user", QUESTION, (ChatImage(cat_png, "chelsea.png"),))])
     assert plan.error is None and plan.image_tokens > 0
     assert "cat" in text.lower()

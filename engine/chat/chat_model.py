@@ -76,6 +76,11 @@ class ChatModel:
         return self.loaded.engine.context_len
 
     @property
+    def model_id(self) -> str | None:
+        """What `load` takes to load this model again ("default": the embedded one): a name API clients may use."""
+        return self.loaded.model_id
+
+    @property
     def vocab_size(self) -> int | None:
         """The token ids a logit bias may name: 0 .. vocab_size - 1."""
         return self.loaded.engine.vocab_size

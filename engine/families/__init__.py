@@ -6,6 +6,7 @@ family's image input side attached, and the prompt builder.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 
 import torch
 
@@ -57,17 +58,17 @@ def load_model(model: str | None, device: str | None = None, dtype: str = "auto"
     """`None`: the Hub default where the Hub answers, else the embedded default. `"default"`: the embedded one."""
     cfg = engine_config(device, dtype, **engine_kw)
     if model == DEFAULT:
-        return embedded.load(cfg)
+        return replace(embedded.load(cfg), model_id=DEFAULT)
     try:
         ck = Checkpoint.load(model or HUB_DEFAULT)
     except ModelUnavailable:
         if model is None:
-            return embedded.load(cfg)
+            return replace(embedded.load(cfg), model_id=DEFAULT)
         raise
     if ck.architecture not in FAMILIES:
         raise ModelUnavailable(f"{model}: architecture {ck.architecture} is not supported "
                                f"(supported: {', '.join(FAMILIES)})")
-    return FAMILIES[ck.architecture](ck, model or HUB_DEFAULT, cfg)
+    return replace(FAMILIES[ck.architecture](ck, model or HUB_DEFAULT, cfg), model_id=model or HUB_DEFAULT)
 
 
 __all__ = ["DEFAULT", "DTYPES", "FAMILIES", "HUB_DEFAULT", "LoadedModel", "engine_config", "load_model"]

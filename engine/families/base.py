@@ -19,6 +19,7 @@ class LoadedModel:
     description: str
     engine: Any  # engine.llm_engine.LLMEngine; its vision stage holds `images`
     prompt: Any  # engine.prompt.PromptBuilder
+    model_id: str | None = None  # what `load_model` takes to load it again: "default", a Hub id or a folder
 
     @property
     def images(self) -> ImageInputs | None:
