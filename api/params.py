@@ -168,6 +168,5 @@ def _nth_seed(seed: int, i: int) -> int:
 def check_logit_bias(params: Params, vocab_size: int | None) -> None:
     """400 naming logit_bias when it names a token id the model does not have (`vocab_size` None: not known here,
     e.g. a remote backend, which checks them itself)."""
-    bias = params.choices[0].logit_bias
-    if vocab_size is not None and bias and bias[-1][0] >= vocab_size:
-        raise ApiError(400, unknown_tokens(bias, vocab_size), param="logit_bias", code="invalid_parameter")
+    if vocab_size is not None and (unknown := unknown_tokens(params.choices[0].logit_bias, vocab_size)) is not None:
+        raise ApiError(400, unknown, param="logit_bias", code="invalid_parameter")

@@ -77,14 +77,15 @@ class Shape:
         return {"id": prefix + self.id, "object": kind + (".chunk" if streamed and self.chat else ""),
                 "created": self.created, "model": self.model}
 
-    def logprobs(self, logprobs: list[TokenLogprob], before: list[TokenLogprob] = ()) -> dict | None:
-        """A choice's (or a chunk's) log-probabilities in this shape; `before`: the choice's tokens sent before
-        these (they set the legacy text offsets). None where the request did not ask."""
+    def logprobs(self, logprobs: list[TokenLogprob], offset: int = 0) -> dict | None:
+        """A choice's (or a chunk's) log-probabilities in this shape; `offset`: where these tokens' text starts
+        (the legacy text offsets: the lengths of the choice's tokens' texts sent before). None where the request did
+        not ask."""
         if self.pieces is None:
             return None
         if self.chat:
             return chat_logprobs(self.pieces, logprobs)
-        return legacy_logprobs(self.pieces, logprobs, sum(len(self.pieces(lp.token_id)[0]) for lp in before))
+        return legacy_logprobs(self.pieces, logprobs, offset)
 
     def chunk(self, index: int, text: str | None, finish_reason: str | None = None, role: bool = False,
               logprobs: dict | None = None) -> dict:
@@ -147,18 +148,18 @@ async def streamed(shape: Shape, choices: list[Choice], error_of: ErrorOf, inclu
 async def _body(shape: Shape, choices: list[Choice], head: list, events: AsyncIterator, error_of: ErrorOf,
                 include_usage: bool) -> AsyncIterator[str]:
     extra = {"usage": None} if include_usage else {}
-    emitted: dict[int, int] = {}
+    offsets: dict[int, int] = {}
     try:
         if shape.chat:
             for c in sorted(choices, key=lambda c: c.index):
                 yield _sse({**shape.chunk(c.index, None, role=True), **extra})
         for choice, event in head:
-            yield _sse({**_event_chunk(shape, choice, event, emitted), **extra})
+            yield _sse({**_event_chunk(shape, choice, event, offsets), **extra})
         async for choice, event in events:
             if choice.error:
                 yield _sse(error_of(choice).body())
                 break
-            yield _sse({**_event_chunk(shape, choice, event, emitted), **extra})
+            yield _sse({**_event_chunk(shape, choice, event, offsets), **extra})
         else:
             if include_usage:
                 yield _sse(shape.usage_chunk(choices))
@@ -167,14 +168,14 @@ async def _body(shape: Shape, choices: list[Choice], head: list, events: AsyncIt
         await events.aclose()
 
 
-def _event_chunk(shape: Shape, choice: Choice, event: TextDelta | Finished, emitted: dict[int, int]) -> dict:
-    """The chunk for one of a choice's events, in the order they are sent; `emitted` counts each choice's tokens
-    sent so far (a choice records its events before they are sent: those of the stream's head all at once)."""
+def _event_chunk(shape: Shape, choice: Choice, event: TextDelta | Finished, offsets: dict[int, int]) -> dict:
+    """The chunk for one of a choice's events, in the order they are sent; `offsets`: each choice's legacy text
+    offset so far (the lengths of its sent tokens' own texts)."""
     if isinstance(event, TextDelta):
         logprobs = None
-        if event.logprobs:
-            sent = emitted.get(choice.index, 0)
-            logprobs = shape.logprobs(list(event.logprobs), choice.logprobs[:sent])
-            emitted[choice.index] = sent + len(event.logprobs)
+        if event.logprobs and shape.pieces is not None:
+            offset = offsets.get(choice.index, 0)
+            logprobs = shape.logprobs(list(event.logprobs), offset)
+            offsets[choice.index] = offset + sum(len(shape.pieces(lp.token_id)[0]) for lp in event.logprobs)
         return shape.chunk(choice.index, event.text, logprobs=logprobs)
     return shape.chunk(choice.index, None if shape.chat else "", choice.finish_reason)

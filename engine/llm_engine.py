@@ -148,9 +148,8 @@ class LLMEngine:
         if seq.images and any(span.embeds is None for span in seq.images) and self.vision is None:
             seq.finish(FinishReason.ERROR, EngineError(ErrorCode.BAD_IMAGE, "this model reads text only"))
             return seq
-        if seq.params.logit_bias and seq.params.logit_bias[-1][0] >= self.vocab_size:
-            seq.finish(FinishReason.ERROR, EngineError(ErrorCode.INVALID_PARAMETER, unknown_tokens(
-                seq.params.logit_bias, self.vocab_size), param="logit_bias"))
+        if (unknown := unknown_tokens(seq.params.logit_bias, self.vocab_size)) is not None:
+            seq.finish(FinishReason.ERROR, EngineError(ErrorCode.INVALID_PARAMETER, unknown, param="logit_bias"))
             return seq
         if not self.scheduler.add(seq):
             return seq

@@ -120,8 +120,11 @@ def _logit_bias(value) -> tuple[tuple[int, float], ...]:
     return tuple(sorted((token, float(bias)) for token, bias in pairs))
 
 
-def unknown_tokens(logit_bias: tuple[tuple[int, float], ...], vocab_size: int) -> str:
-    """The words for a logit bias naming ids the model does not have (its vocabulary: 0 .. vocab_size - 1)."""
+def unknown_tokens(logit_bias: tuple[tuple[int, float], ...], vocab_size: int) -> str | None:
+    """The words for a logit bias naming ids the model does not have (its vocabulary: 0 .. vocab_size - 1), or None
+    where every id is the model's. `logit_bias` as SamplingParams keeps it, in id order."""
+    if not logit_bias or logit_bias[-1][0] < vocab_size:
+        return None
     ids = [t for t, _ in logit_bias if t >= vocab_size]
     shown = ", ".join(map(str, ids[:5])) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
     return f"logit_bias names token ids this model does not have ({shown}); its ids run from 0 to {vocab_size - 1}"

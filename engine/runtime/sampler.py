@@ -27,6 +27,15 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
     return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
 
 
+def _pair_table(rows: list[list[tuple[int, float]]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of (token id, value) as a (B, L) id table and a (B, L) fp32 value table for one scatter-add, padded
+    with (0, 0.0): adding 0.0 to token 0 changes nothing."""
+    width = max(1, max(len(row) for row in rows))
+    pad = lambda row, fill: row + [fill] * (width - len(row))  # noqa: E731
+    return (to_device([pad([t for t, _ in row], 0) for row in rows], torch.long, device),
+            to_device([pad([v for _, v in row], 0.0) for row in rows], torch.float32, device))
+
+
 @dataclass(frozen=True)
 class ModelLogprobs:
     """The log-probabilities under the model of a batch's rows that asked for them (`rows`, in batch order), taken
@@ -34,6 +43,7 @@ class ModelLogprobs:
     the widest k asked."""
 
     rows: list[int]
+    index: torch.Tensor | None  # `rows` on the device; None where every row asked
     full: torch.Tensor
     top_values: torch.Tensor
     top_ids: torch.Tensor
@@ -41,7 +51,7 @@ class ModelLogprobs:
     def pick(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(the log-probabilities of those rows' sampled tokens (R,), top values (R, k), top ids (R, k)), on the
         device; `tokens` (B,) is the whole batch's."""
-        mine = tokens if len(self.rows) == len(tokens) else tokens[to_device(self.rows, torch.long, tokens.device)]
+        mine = tokens if self.index is None else tokens[self.index]
         return self.full.gather(1, mine[:, None])[:, 0], self.top_values, self.top_ids
 
 
@@ -51,11 +61,10 @@ def model_logprobs(logits: torch.Tensor, seqs: list[Sequence]) -> ModelLogprobs 
     rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     if not rows:
         return None
-    if len(rows) < len(seqs):
-        logits = logits[to_device(rows, torch.long, logits.device)]
-    full = torch.log_softmax(logits.float(), dim=-1)
+    index = to_device(rows, torch.long, logits.device) if len(rows) < len(seqs) else None
+    full = torch.log_softmax((logits if index is None else logits[index]).float(), dim=-1)
     top = torch.topk(full, max(1, max(seqs[i].params.logprobs for i in rows)), dim=-1)
-    return ModelLogprobs(rows, full, top.values, top.indices)
+    return ModelLogprobs(rows, index, full, top.values, top.indices)
 
 
 class Sampler:
@@ -78,16 +87,12 @@ class Sampler:
 
     @staticmethod
     def _add_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Each row's logit bias, added in one scatter over a (B, L) table of (id, bias); padding adds 0.0 to
-        token 0, which changes nothing. Ids past the logits' width were refused at admission (engine.llm_engine)."""
+        """Each row's logit bias, added in one scatter. Ids past the logits' width were refused at admission
+        (engine.llm_engine)."""
         if not any(s.params.logit_bias for s in seqs):
             return logits
         vocab = logits.shape[-1]
-        rows = [[(t, b) for t, b in s.params.logit_bias if t < vocab] for s in seqs]
-        width = max(len(row) for row in rows)
-        ids = to_device([[t for t, _ in row] + [0] * (width - len(row)) for row in rows], torch.long, logits.device)
-        bias = to_device([[b for _, b in row] + [0.0] * (width - len(row)) for row in rows], torch.float32,
-                         logits.device)
+        ids, bias = _pair_table([[(t, b) for t, b in s.params.logit_bias if t < vocab] for s in seqs], logits.device)
         return logits.scatter_add_(1, ids, bias)
 
     def _apply_penalty(self, logits: torch.Tensor, seqs: list[Sequence],
@@ -127,12 +132,9 @@ class Sampler:
         if not any(presence) and not any(frequency):
             return logits
         vocab, dev = logits.shape[-1], logits.device
-        held = [collections.Counter(t for t in s.output_ids if t < vocab) if p or f else {}
+        held = [list(collections.Counter(t for t in s.output_ids if t < vocab).items()) if p or f else []
                 for s, p, f in zip(seqs, presence, frequency)]
-        width = max(1, max(len(row) for row in held))
-        ids = to_device([list(row) + [0] * (width - len(row)) for row in held], torch.long, dev)
-        times = to_device([list(row.values()) + [0.0] * (width - len(row)) for row in held], torch.float32, dev)
-        counts = torch.zeros_like(logits).scatter_add_(1, ids, times)
+        counts = torch.zeros_like(logits).scatter_add_(1, *_pair_table(held, dev))
         if pending is not None:
             counts.scatter_add_(1, pending[:, None], torch.ones_like(counts[:, :1]))
         frequency = to_device(frequency, torch.float32, dev)[:, None]
