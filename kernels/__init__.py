@@ -26,6 +26,8 @@ class KernelOps:
     norm_linear: Callable  # (x, norm_weight, eps, weight, bias) -> linear(rms_norm(x))
     linear_add: Callable  # (x, weight, bias, residual) -> residual + linear(x)
     act_linear_add: Callable  # (x, weight, residual) -> residual + linear(silu(gate) * up)
+    # (x, norm_weight, eps, gate_up, down) -> x + down(silu(gate) * up), gate | up = gate_up(rms_norm(x)): the MLP
+    norm_mlp_add: Callable
     # The three KV ops end with (k_scale_zero=None, v_scale_zero=None): given, the caches are int8 (kv_int8.py).
     # (q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping) -> None: q rotated in place, k/v into the cache
     rope_store_kv: Callable
@@ -41,7 +43,7 @@ def load_ops(use_triton: bool) -> KernelOps:
     # Imported here, not with the package: see HAS_TRITON.
     from . import _triton
     from .gemv import (act_linear_add_torch, act_linear_add_triton, linear_add_torch, linear_add_triton,
-                       norm_linear_torch, norm_linear_triton)
+                       norm_linear_torch, norm_linear_triton, norm_mlp_add_torch, norm_mlp_add_triton)
     from .kv_store import rope_store_kv_torch, rope_store_kv_triton
     from .paged_decode import paged_decode_attention_torch, paged_decode_attention_triton
     from .paged_prefill import paged_prefill_attention_torch, paged_prefill_attention_triton
@@ -50,6 +52,7 @@ def load_ops(use_triton: bool) -> KernelOps:
         "norm_linear": (norm_linear_torch, norm_linear_triton),
         "linear_add": (linear_add_torch, linear_add_triton),
         "act_linear_add": (act_linear_add_torch, act_linear_add_triton),
+        "norm_mlp_add": (norm_mlp_add_torch, norm_mlp_add_triton),
         "rope_store_kv": (rope_store_kv_torch, rope_store_kv_triton),
         "paged_decode_attention": (paged_decode_attention_torch, paged_decode_attention_triton),
         "paged_prefill_attention": (paged_prefill_attention_torch, paged_prefill_attention_triton),
@@ -64,14 +67,15 @@ def load_cpu_ops() -> KernelOps:
     each call still falls back to its twin for dtypes and layouts the C code does not take)."""
     from .cpu_decoder import decode_layers_cpu
     from .cpu_build import library
-    from .cpu_ops import (act_linear_add_cpu, linear_add_cpu, norm_linear_cpu, paged_decode_attention_cpu,
-                          rope_store_kv_cpu)
+    from .cpu_ops import (act_linear_add_cpu, linear_add_cpu, norm_linear_cpu, norm_mlp_add_cpu,
+                          paged_decode_attention_cpu, rope_store_kv_cpu)
 
     twins = load_ops(use_triton=False)
     if library() is None:
         return twins
     return dataclasses.replace(twins, norm_linear=norm_linear_cpu, linear_add=linear_add_cpu,
-                               act_linear_add=act_linear_add_cpu, rope_store_kv=rope_store_kv_cpu,
+                               act_linear_add=act_linear_add_cpu, norm_mlp_add=norm_mlp_add_cpu,
+                               rope_store_kv=rope_store_kv_cpu,
                                paged_decode_attention=paged_decode_attention_cpu, decode_layers=decode_layers_cpu)
 
 

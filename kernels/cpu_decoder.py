@@ -19,7 +19,7 @@ import torch
 
 from . import cpu_build, cpu_ops
 from .cpu_qgemv import MAX_K, MAX_ROWS, CpuQ8Weight
-from .gemv import act_linear_add_torch, linear_add_torch, norm_linear_torch
+from .gemv import linear_add_torch, norm_linear_torch, norm_mlp_add_torch
 from .kv_store import rope_store_kv_torch
 from .paged_decode import paged_decode_attention_torch
 
@@ -76,7 +76,7 @@ def decode_layers_torch(h, stack: LayerStack, positions, cos_sin, slot_mapping, 
         rope_store_kv_torch(q, k, v, positions, cos_sin, w.k_cache, w.v_cache, slot_mapping, *sz)
         out = paged_decode_attention_torch(q, w.k_cache, w.v_cache, block_tables, seq_lens, stack.scale, *sz)
         h = linear_add_torch(out.reshape(-1, Q), w.o, None, h)
-        h = act_linear_add_torch(norm_linear_torch(h, w.post_norm, stack.eps, w.gate_up, None), w.down, h)
+        h = norm_mlp_add_torch(h, w.post_norm, stack.eps, w.gate_up, w.down)
     return h
 
 

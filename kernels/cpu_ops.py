@@ -73,6 +73,10 @@ def act_linear_add_cpu(x, weight, residual):
     return _linear_add(silu_and_mul_torch(x), weight, None, residual)
 
 
+def norm_mlp_add_cpu(x, norm_weight, eps, gate_up, down):
+    return act_linear_add_cpu(norm_linear_cpu(x, norm_weight, eps, gate_up, None), down, x)
+
+
 def rope_store_kv_cpu(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,

@@ -1,9 +1,13 @@
 """A decoder layer's projections with their neighbours fused in: norm -> matmul, act -> matmul -> residual add.
 
-Three ops, each `y = [residual +] W · f(x) [+ bias]` for a weight W (N, K) as nn.Linear stores it:
+Three ops, each `y = [residual +] W · f(x) [+ bias]` for a weight W (N, K) as nn.Linear stores it, and the MLP
+built from two of them:
   - `norm_linear(x, norm_weight, eps, weight, bias)`: f = RMSNorm (the layer's input / post-attention norm);
   - `linear_add(x, weight, bias, residual)`: f = identity, the residual stream added to the output (o_proj);
-  - `act_linear_add(x, weight, residual)`: f = silu(gate) * up over a packed (gate | up) x (down_proj).
+  - `act_linear_add(x, weight, residual)`: f = silu(gate) * up over a packed (gate | up) x (down_proj);
+  - `norm_mlp_add(x, norm_weight, eps, gate_up, down)`: the whole MLP, x + down(silu(gate) * up) of
+    gate | up = gate_up(rms_norm(x)); each path composes it as it runs fastest (a quantized one row: the SiLU in the
+    gate_up GEMV's epilogue, kernels/quant_gemv.py; otherwise `norm_linear` then `act_linear_add`).
 Numerics follow the unfused HF chain: the norm's output and the activation are rounded to x's dtype before the
 matmul, the matmul's output is rounded before the residual add.
 
@@ -23,7 +27,8 @@ import torch.nn.functional as F
 
 from ._triton import dependent_launch, dependent_launches, triton, tl
 from .activation import silu_and_mul_torch, silu_and_mul_triton
-from .quant_gemv import quant_act_linear_add_triton, quant_linear_add_triton, quant_norm_linear_triton
+from .quant_gemv import (quant_act_linear_add_triton, quant_linear_add_triton, quant_norm_act_triton,
+                         quant_norm_linear_triton)
 from .quant_weight import QuantWeight
 from .rms_norm import rms_norm_torch, rms_norm_triton
 
@@ -50,6 +55,10 @@ def linear_add_torch(x, weight, bias, residual):
 
 def act_linear_add_torch(x, weight, residual):
     return residual + _linear(silu_and_mul_torch(x), weight, None)
+
+
+def norm_mlp_add_torch(x, norm_weight, eps, gate_up, down):
+    return act_linear_add_torch(norm_linear_torch(x, norm_weight, eps, gate_up, None), down, x)
 
 
 @triton.jit
@@ -177,3 +186,9 @@ def act_linear_add_triton(x, weight, residual):
     if not (_one_row(x, weight) and residual.is_contiguous()):
         return _linear_add_rows(silu_and_mul_triton(x), weight, None, residual)
     return _gemv(x, weight, None, residual, _PRO_SILU_MUL)
+
+
+def norm_mlp_add_triton(x, norm_weight, eps, gate_up, down):
+    if isinstance(gate_up, QuantWeight) and (act := quant_norm_act_triton(x, norm_weight, eps, gate_up)) is not None:
+        return linear_add_triton(act, down, None, x)  # one quantized GEMV: norm, gate | up and SiLU
+    return act_linear_add_triton(norm_linear_triton(x, norm_weight, eps, gate_up, None), down, x)

@@ -1,11 +1,14 @@
 """The projections of kernels/gemv.py on a quantized weight (kernels/quant_weight.py): dequantize inside the GEMV.
 
-Same three ops and the same numerics contract as gemv.py (`norm_linear`, `linear_add`, `act_linear_add`), for a
-`QuantWeight` of 4 or 8 bits. One row (batch-1 decode): the RMSNorm or SiLU kernel, then one Triton GEMV that
-streams the packed weight once, dequantizes in registers and reduces in fp32 (residual add and bias in its epilogue),
-so a 4-bit step reads ~1/4 of bf16's bytes. Unlike gemv.py's, the norm and the activation are not recomputed inside
-every program of the GEMV: for these short programs that prologue cost more than its own small kernel (Llama-2-7B
-w4a16 batch 1 on an H200: 363 -> 398 tokens/s). Several rows: the same kernels, then the dequantize-GEMM
+Same ops and the same numerics contract as gemv.py (`norm_linear`, `linear_add`, `act_linear_add`, and the MLP's
+first half for `norm_mlp_add`), for a `QuantWeight` of 4 or 8 bits. One row (batch-1 decode): the RMSNorm or SiLU
+kernel, then one Triton GEMV that streams the packed weight once, dequantizes in registers and reduces in fp32
+(residual add and bias in its epilogue), so a 4-bit step reads ~1/4 of bf16's bytes. The gate_up GEMV writes
+silu(gate) * up itself (`quant_norm_act_triton`: each program takes its features' gate and up rows, interleaved,
+so the pair meets in its epilogue), one kernel less a layer (w4a16 batch 1: 397 -> 402 tokens/s). Unlike gemv.py's,
+the norm is not recomputed inside every program of the GEMV: for these short programs that prologue cost more than
+its own small kernel (Llama-2-7B w4a16 batch 1 on an H200: 363 -> 398 tokens/s; folded into the GEMV's loop instead,
+sum of squares and 1/rms after it, 395.6 against 400.4). Several rows: the same kernels, then the dequantize-GEMM
 (kernels/quant_matmul.py) with the residual add in its epilogue. On Hopper the GEMV and those kernels launch with
 programmatic dependent launch (kernels/_triton.py `dependent_launches`).
 
@@ -105,14 +108,23 @@ def _quant_gemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, res_ptr, y_ptr,
     N, K, stride_qn, stride_sn, code_mask, magic,
     BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, STAGES: tl.constexpr, FMA: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """q_ptr: the packed weight read as int32 words (stride_qn words a row); word w holds columns PER * w + j,
-    j < PER, code j in bits [BITS * j, BITS * (j + 1)) (kernels/quant_weight.py's bytes, little-endian)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
+    j < PER, code j in bits [BITS * j, BITS * (j + 1)) (kernels/quant_weight.py's bytes, little-endian).
+    ACT: the weight is a packed (gate | up) of N rows; the program's BLOCK_N rows are BLOCK_N / 2 features' gate and
+    up rows, interleaved, and it writes silu(gate) * up for those features (y has N / 2 columns)."""
+    if ACT:
+        HALF_N: tl.constexpr = BLOCK_N // 2
+        r = tl.arange(0, BLOCK_N)
+        feat = tl.program_id(0) * HALF_N + r // 2
+        rows = feat + (r % 2) * (N // 2)  # gate row f, then up row f
+        row_mask = feat < N // 2
+    else:
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
     PER: tl.constexpr = 32 // BITS  # codes a word
     BLOCK_W: tl.constexpr = BLOCK_K // PER  # words a row a step
     wi = tl.arange(0, BLOCK_W)
@@ -159,7 +171,13 @@ def _quant_gemv_kernel(
     if HAS_RESIDUAL:
         res = tl.load(res_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
         y = y.to(x_ptr.dtype.element_ty).to(tl.float32) + res
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
+    if ACT:  # the projection rounded to x's dtype, then silu_and_mul's arithmetic (kernels/activation.py)
+        gate, up = tl.split(tl.reshape(y.to(x_ptr.dtype.element_ty).to(tl.float32), (HALF_N, 2)))
+        silu = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty).to(tl.float32)
+        out = tl.program_id(0) * HALF_N + tl.arange(0, HALF_N)
+        tl.store(y_ptr + out, (silu * up).to(y_ptr.dtype.element_ty), mask=out < N // 2)
+    else:
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
 
 
 def group_mode(w: QuantWeight, block_k: int) -> int | None:
@@ -191,18 +209,20 @@ def _block_sizes(w: QuantWeight) -> tuple[int, int, int, int]:
 GEMV_TILES = {4: (8, 2048, 4, 1), 8: (8, 1024, 4, 3)}
 
 
-def _quant_gemv(x, w: QuantWeight, bias, residual, tiles=None):
+def _quant_gemv(x, w: QuantWeight, bias, residual, tiles=None, act=False):
+    """act: silu(gate) * up of a packed (gate | up) weight (N / 2 columns), not the projection."""
     N, K = w.shape
     BLOCK_N, BLOCK_K, warps, stages = tiles or _block_sizes(w)
-    y = torch.empty((1, N), dtype=x.dtype, device=x.device)
+    y = torch.empty((1, N // 2 if act else N), dtype=x.dtype, device=x.device)
     words = w.qweight.view(torch.int32)  # _gemv_ok: rows of whole, aligned words
     pdl = dependent_launches(x)
-    _quant_gemv_kernel[(triton.cdiv(N, BLOCK_N),)](
+    _quant_gemv_kernel[(triton.cdiv(N // 2, BLOCK_N // 2) if act else triton.cdiv(N, BLOCK_N),)](
         x, words, w.scales, w.zeros if w.zeros is not None else w.scales, w.perm if w.perm is not None else x,
         bias if bias is not None else x, residual if residual is not None else x, y,
         N, K, words.stride(0), w.scales.stride(0), (1 << w.bits) - 1, _MAGIC,
         BITS=w.bits, GROUP=w.group_size, MODE=group_mode(w, BLOCK_K), HAS_ZERO=w.zeros is not None,
         HAS_PERM=w.perm is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        ACT=act,
         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, NG=max(BLOCK_K // w.group_size, 1),
         # the fused multiply-add for 4 bits on a GPU (CPU tensors mean TRITON_INTERPRET); bytes keep the subtraction
         # (see _plane_dot; their bias 2^23 + 128 * 2^(8e) times an fp32 x would also round)
@@ -246,6 +266,15 @@ def quant_norm_linear_triton(x, norm_weight, eps, w: QuantWeight, bias=None):
     _check(x, w, w.shape[1], bias)
     x = rms_norm_triton(x, norm_weight, eps)
     return _quant_gemv(x, w, bias, None) if _gemv_ok(x, w) else _linear_rows(x, w, bias)
+
+
+def quant_norm_act_triton(x, norm_weight, eps, w: QuantWeight):
+    """silu(gate) * up of gate | up = linear(rms_norm(x)) for a packed (gate | up) weight, in one GEMV; None where
+    that GEMV does not take x (several rows: the caller composes the ops)."""
+    _check(x, w, w.shape[1])
+    if not _gemv_ok(x, w) or w.shape[0] % 2:
+        return None
+    return _quant_gemv(rms_norm_triton(x, norm_weight, eps), w, None, None, act=True)
 
 
 def quant_linear_add_triton(x, w: QuantWeight, bias, residual):

@@ -107,6 +107,6 @@ def test_cpu_ops_keep_the_twins_signatures():
     import inspect
 
     twins, cpu = load_ops(use_triton=False), load_cpu_ops()
-    for field in ("norm_linear", "linear_add", "act_linear_add", "rope_store_kv", "paged_decode_attention",
-                  "paged_prefill_attention"):
+    for field in ("norm_linear", "linear_add", "act_linear_add", "norm_mlp_add", "rope_store_kv",
+                  "paged_decode_attention", "paged_prefill_attention"):
         assert inspect.signature(getattr(cpu, field)) == inspect.signature(getattr(twins, field))

@@ -7,11 +7,11 @@ import pytest
 
 from kernels import HAS_TRITON, KernelOps, load_ops
 
-FIELDS = ["norm_linear", "linear_add", "act_linear_add", "rope_store_kv", "paged_decode_attention",
+FIELDS = ["norm_linear", "linear_add", "act_linear_add", "norm_mlp_add", "rope_store_kv", "paged_decode_attention",
           "paged_prefill_attention"]
 
 
-def test_fields_are_the_six_ops_and_the_optional_decode_step():
+def test_fields_are_the_seven_ops_and_the_optional_decode_step():
     assert [f.name for f in dataclasses.fields(KernelOps)] == FIELDS + ["decode_layers"]
     assert load_ops(use_triton=False).decode_layers is None  # only the CPU's C ops have one (kernels/cpu_decoder.py)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernels.gemv import (act_linear_add_torch, act_linear_add_triton, linear_add_torch, linear_add_triton,
-                          norm_linear_torch, norm_linear_triton)
+                          norm_linear_torch, norm_linear_triton, norm_mlp_add_torch, norm_mlp_add_triton)
 from kernels.quant_cpu import CpuInt4Weight, CpuInt8Weight, pack_for_cpu
 from kernels.quant_matmul import quant_matmul_torch, quant_matmul_triton
 from kernels.quant_weight import QuantWeight, cat_rows, dequantize, pack_int4, quant_linear_torch, unpack_int4
@@ -98,14 +98,19 @@ def _op_inputs(op, T, N, K, w, dtype, bias):
         return norm_linear_triton, norm_linear_torch, (x, torch.randn(K, device=DEVICE, dtype=dtype), EPS, w, b)
     if op == "linear_add":
         return linear_add_triton, linear_add_torch, (torch.randn(T, K, device=DEVICE, dtype=dtype), w, b, residual)
+    if op == "norm_mlp_add":  # w is the packed (gate | up) of N / 2 features; down a plain weight back to K
+        x = torch.randn(T, K, device=DEVICE, dtype=dtype) * 3
+        down = torch.randn(K, N // 2, device=DEVICE, dtype=dtype) / N ** 0.5
+        return norm_mlp_add_triton, norm_mlp_add_torch, (x, torch.randn(K, device=DEVICE, dtype=dtype), EPS, w, down)
     x = torch.randn(T, 2 * K, device=DEVICE, dtype=dtype) * 4
     return act_linear_add_triton, act_linear_add_torch, (x, w, residual)
 
 
-OPS = [("norm_linear", True), ("linear_add", False), ("act_linear_add", False)]
+OPS = [("norm_linear", True), ("linear_add", False), ("act_linear_add", False), ("norm_mlp_add", False)]
 
 
 def _check_op(T, N, K, dtype, fmt, op, bias):
+    N = 2 * N if op == "norm_mlp_add" else N  # a packed (gate | up): N features
     w = random_quant(N, K, *fmt, dtype=dtype)
     fast, twin, args = _op_inputs(op, T, N, K, w, dtype, bias)
     before = [a.clone() for a in args if isinstance(a, torch.Tensor)]

@@ -89,8 +89,8 @@ class MLP(nn.Module):
 
     def forward(self, h, norm: RMSNorm):
         """h + down_proj(silu(gate) * up), gate | up = gate_up_proj(norm(h))."""
-        gate_up = self.ops.norm_linear(h, norm.weight, norm.eps, self.gate_up_proj.weight_for(h), None)
-        return self.ops.act_linear_add(gate_up, self.down_proj.weight_for(h), h)
+        return self.ops.norm_mlp_add(h, norm.weight, norm.eps, self.gate_up_proj.weight_for(h),
+                                     self.down_proj.weight_for(h))
 
 
 class DecoderLayer(nn.Module):
