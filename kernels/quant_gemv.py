@@ -116,8 +116,8 @@ def _quant_gemv_kernel(
     j < PER, code j in bits [BITS * j, BITS * (j + 1)) (kernels/quant_weight.py's bytes, little-endian).
     ACT: the weight is a packed (gate | up) of N rows; the program's BLOCK_N rows are BLOCK_N / 2 features' gate and
     up rows, interleaved, and it writes silu(gate) * up for those features (y has N / 2 columns)."""
+    HALF_N: tl.constexpr = BLOCK_N // 2  # ACT: features a program
     if ACT:
-        HALF_N: tl.constexpr = BLOCK_N // 2
         r = tl.arange(0, BLOCK_N)
         feat = tl.program_id(0) * HALF_N + r // 2
         rows = feat + (r % 2) * (N // 2)  # gate row f, then up row f

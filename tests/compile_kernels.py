@@ -20,13 +20,14 @@ def compile_one(fn, types: dict, consts: dict) -> None:
 
 
 def main():
-    for bits, group, mode, zero, perm in [(4, 32, 2, True, False), (4, 128, 1, True, True),
-                                          (8, 4096, 0, False, False), (8, 32, 2, False, True)]:
+    for (bits, group, mode, zero, perm), act in [((4, 32, 2, True, False), False), ((4, 128, 1, True, True), False),
+                                                 ((8, 4096, 0, False, False), False), ((8, 32, 2, False, True), False),
+                                                 ((4, 128, 2, True, False), True), ((8, 4096, 0, False, False), True)]:
         compile_one(qg._quant_gemv_kernel,
                     dict(x_ptr=BF16, q_ptr="*i32", s_ptr="*fp32", z_ptr="*fp32", perm_ptr="*i64", bias_ptr=BF16,
                          res_ptr=BF16, y_ptr=BF16),
-                    dict(BITS=bits, GROUP=group, MODE=mode, HAS_ZERO=zero, HAS_PERM=perm, HAS_BIAS=True,
-                         HAS_RESIDUAL=True, BLOCK_N=16, BLOCK_K=1024, NG=max(1024 // group, 1),
+                    dict(BITS=bits, GROUP=group, MODE=mode, HAS_ZERO=zero, HAS_PERM=perm, HAS_BIAS=not act,
+                         HAS_RESIDUAL=not act, ACT=act, BLOCK_N=16, BLOCK_K=1024, NG=max(1024 // group, 1),
                          STAGES=1 if bits == 4 else 3, FMA=bits == 4, PDL=True))
     for bits, group, zero, perm, block_m in [(4, 32, True, False, 16), (4, 128, True, True, 32),
                                              (8, 4096, False, False, 64)]:
