@@ -190,5 +190,5 @@ def act_linear_add_triton(x, weight, residual):
 
 def norm_mlp_add_triton(x, norm_weight, eps, gate_up, down):
     if isinstance(gate_up, QuantWeight) and (act := quant_norm_act_triton(x, norm_weight, eps, gate_up)) is not None:
-        return linear_add_triton(act, down, None, x)  # one quantized GEMV: norm, gate | up and SiLU
+        return linear_add_triton(act, down, None, x)  # the gate_up GEMV wrote silu(gate) * up itself
     return act_linear_add_triton(norm_linear_triton(x, norm_weight, eps, gate_up, None), down, x)
