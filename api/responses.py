@@ -176,6 +176,7 @@ def _event_chunk(shape: Shape, choice: Choice, event: TextDelta | Finished, offs
         if event.logprobs and shape.pieces is not None:
             offset = offsets.get(choice.index, 0)
             logprobs = shape.logprobs(list(event.logprobs), offset)
-            offsets[choice.index] = offset + sum(len(shape.pieces(lp.token_id)[0]) for lp in event.logprobs)
+            if not shape.chat:  # the legacy shape's tokens are these tokens' texts: the next offset follows them
+                offsets[choice.index] = offset + sum(map(len, logprobs["tokens"]))
         return shape.chunk(choice.index, event.text, logprobs=logprobs)
     return shape.chunk(choice.index, None if shape.chat else "", choice.finish_reason)

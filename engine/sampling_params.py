@@ -83,12 +83,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    @property
-    def adds_to_logits(self) -> bool:
-        """Whether the sampler adds anything to this request's logits (a logit bias, a presence or frequency
-        penalty)."""
-        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0
-
 
 @dataclass(frozen=True)
 class TokenLogprob:
