@@ -15,7 +15,10 @@ each config's output checked against the twin.
 
 Timing: `bench.gpu.graph_timed`, i.e. 200 calls in one CUDA graph, round robin over copies of the weight that
 together outgrow the L2 cache (as a decode step's layers do). Timing one call with events, as this file did before
-2026-12-01, measures mostly the host's launch (~50 us) for kernels of 5-60 us.
+2026-12-01, measures mostly the host's launch (~50 us) for kernels of 5-60 us. A projection timed alone, back to
+back with itself, still does not predict the decode step: a K-split GEMV 10% faster here ran the w4a16 batch-1 step
+4% slower (bench/results/gpu_quant_h200.txt, 2026-12-02), so a tile or layout this picks is kept only after the
+engine's own rows (`python -m bench.gpu_quant`) confirm it.
 """
 from __future__ import annotations
 
