@@ -42,8 +42,11 @@ GEMV_CONFIGS = {4: [(bn, bk, w, s) for bn, bk in ((4, 2048), (8, 1024), (8, 2048
                     for w in (4, 8) for s in (1, 3)],
                 8: [(bn, bk, w, s) for bn, bk in ((8, 512), (8, 1024), (16, 512), (16, 1024))
                     for w in (4, 8) for s in (1, 3)]}
-GEMM_CONFIGS = {M: sorted({(min(M, bm), bn, 128, w, s, split) for bm in (16, 32, 64) for bn in (16, 32, 64)
-                           for w, s in ((4, 3), (4, 4)) for split in (1, 2, 4, 8)}) for M in (16, 32, 64)}
+GEMM_CONFIGS = {M: sorted({(min(M, bm), bn, 128, w, s, split, False) for bm in (16, 32, 64) for bn in (16, 32, 64)
+                           for w, s in ((4, 3), (4, 4)) for split in (1, 2, 4, 8)}
+                          | {(min(M, bm), bn, 128, w, s, split, True) for bm in (16, 32, 64)
+                             for bn, w in ((64, 4), (128, 4), (128, 8)) for s in (3, 4) for split in (1, 2, 4)})
+                for M in (16, 32, 64)}
 L2_BUST_BYTES = 400e6  # several times an H200's 50 MB L2
 
 

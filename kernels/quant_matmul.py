@@ -4,7 +4,11 @@ Batched decode and prefill on the GPU. Up to DEQUANT_CUBLAS_ROWS rows (batched d
 kernel: each program owns a (BLOCK_M, BLOCK_N) output tile and walks K in steps inside one group, loading the packed
 tile (K contiguous per row, 4-bit nibbles split with `tl.join`), dequantizing it in fp32 with the group's scale and
 zero, rounding it once to x's dtype (as the twin does) and multiplying on the tensor cores; the weight is read once
-per BLOCK_M rows, so a 4-bit batch-32 step reads a quarter of bf16's bytes. Few output columns (N = 4,096) leave too
+per BLOCK_M rows, so a 4-bit batch-32 step reads a quarter of bf16's bytes. With SWAP the tile is formed transposed,
+y^T = W x^T: the dequantized weight tile is the MMA's first operand, whose rows (BLOCK_N >= 64) fill Hopper's
+64-row warpgroup MMA while x's 17-32 rows are its narrow side, so every weight is dequantized once per step for all
+of them (without it, two 16-row tiles dequantize it twice; measured on an H200: down_proj at 32 rows 44.4 -> 33.7 us,
+w4a16 batch-32 decode ~5,200 -> ~5,700 tokens/s). Few output columns (N = 4,096) leave too
 few programs for the GPU, so K is split among SPLIT_K programs per tile, whose fp32 partials a second kernel sums in a
 fixed order (the result does not depend on which program finishes first) before the bias and residual epilogue.
 More rows (prefill: compute-bound): the weight is dequantized by `dequantize_triton` and multiplied by cuBLAS.
@@ -48,10 +52,11 @@ def _quant_matmul_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, SWAP: tl.constexpr,
 ):
     """With SPLIT_K > 1, program (i, j, split) reduces its share of K's steps and writes the fp32 partial to
-    part[split] (SPLIT_K, M, N); `_split_k_sum_kernel` adds them up in split order (deterministic) and finishes."""
+    part[split] (SPLIT_K, M, N); `_split_k_sum_kernel` adds them up in split order (deterministic) and finishes.
+    SWAP: the (BLOCK_N, BLOCK_M) tile W x^T, transposed once after the loop (same products, same fp32 sums)."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = rm < M, rn < N
@@ -61,16 +66,19 @@ def _quant_matmul_kernel(
     PACK: tl.constexpr = 2 if BITS == 4 else 1
     BLOCK_C: tl.constexpr = BLOCK_K // PACK
     x_dtype = x_ptr.dtype.element_ty
-    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm  # (BLOCK_M, 1)
+    x_cols = x_ptr + rm.to(tl.int64)[None, :] * stride_xm  # (1, BLOCK_M): x^T's columns, for SWAP
     q_rows = q_ptr + rn.to(tl.int64)[:, None] * stride_qn  # (BLOCK_N, 1): the weight's rows, K contiguous
     s_rows = s_ptr + rn.to(tl.int64) * stride_sn
     z_rows = z_ptr + rn.to(tl.int64) * stride_sn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if SWAP:
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):  # BLOCK_K divides GROUP: one scale (and zero) per row and step
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < K
         xk = tl.load(perm_ptr + k, mask=k_mask, other=0) if HAS_PERM else k
-        a = tl.load(x_rows + xk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
         col = k0 // PACK + tl.arange(0, BLOCK_C)
         q = tl.load(q_rows + col[None, :], mask=n_mask[:, None] & (col < K // PACK)[None, :], other=0)
         if BITS == 4:  # columns 2j and 2j + 1 are byte j's low and high nibbles
@@ -80,7 +88,14 @@ def _quant_matmul_kernel(
         if HAS_ZERO:
             w += tl.load(z_rows + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
         w = w.to(x_dtype)  # the twin's weight, dequantized in fp32 and rounded once to x's dtype
-        acc += _dot(a, tl.trans(w), UPCAST_DOT, DOT_PRECISION)
+        if SWAP:
+            a_t = tl.load(x_cols + xk[:, None], mask=k_mask[:, None] & m_mask[None, :], other=0.0)  # (BLOCK_K, BLOCK_M)
+            acc_t += _dot(w, a_t, UPCAST_DOT, DOT_PRECISION)
+        else:
+            a = tl.load(x_rows + xk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+            acc += _dot(a, tl.trans(w), UPCAST_DOT, DOT_PRECISION)
+    if SWAP:
+        acc = tl.trans(acc_t)
     if SPLIT_K == 1:
         _epilogue(acc, rm, rn, bias_ptr, res_ptr, y_ptr, M, N, stride_rm, stride_ym, HAS_BIAS, HAS_RESIDUAL)
     else:
@@ -136,27 +151,30 @@ def dequantize_triton(w: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _tiles(M: int, w: QuantWeight) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K) from GEMM_TILES; BLOCK_K divides the group (a
-    per-channel weight is one group of K)."""
+def _tiles(M: int, w: QuantWeight) -> tuple[int, int, int, int, int, int, bool]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K, SWAP) from GEMM_TILES; BLOCK_K divides the group
+    (a per-channel weight is one group of K)."""
     N, K = w.shape
-    block_m, block_n, block_k, warps, stages, split = GEMM_TILES[16 if M <= 16 else 32 if M <= 32 else 64][N >= WIDE_N]
+    block_m, block_n, block_k, warps, stages, split, swap = GEMM_TILES[16 if M <= 16 else 32 if M <= 32 else 64][
+        N >= WIDE_N]
     while w.group_size != K and w.group_size % block_k:
         block_k //= 2
     if M > DEQUANT_CUBLAS_ROWS:  # an act-order prefill (see quant_matmul_triton): programs enough without a split
         split = 1
-    return block_m, block_n, block_k, warps, stages, split
+    return block_m, block_n, block_k, warps, stages, split, swap
 
 
 # rows (<=) -> (tiles for N < WIDE_N, tiles for N >= WIDE_N) of the fused dequantize-GEMM, (BLOCK_M, BLOCK_N, BLOCK_K,
-# warps, stages, SPLIT_K), measured on an H200 with `python -m bench.quant_sweep` (graph-timed, weights past the L2
-# cache; 2026-12-01): few output columns want narrow tiles and K split 4 ways, so that enough programs share the work
-# (o_proj / down_proj at N=4096: down_proj at 16 rows 56 -> 27 us, at 32 rows 66 -> 45 us), many want wide ones.
-# Past DEQUANT_CUBLAS_ROWS rows the weight is dequantized to x's dtype by `dequantize_triton` and multiplied by
-# cuBLAS (prefill: compute-bound, where cuBLAS wins).
-GEMM_TILES = {16: ((16, 32, 128, 4, 4, 4), (16, 32, 128, 4, 4, 2)),
-              32: ((16, 32, 128, 4, 4, 4), (32, 64, 128, 4, 3, 2)),
-              64: ((32, 64, 128, 4, 3, 4), (64, 32, 128, 4, 3, 1))}
+# warps, stages, SPLIT_K, SWAP), measured on an H200 with `python -m bench.quant_sweep` (graph-timed, weights past the
+# L2 cache; 2026-12-01) and confirmed by the engine's decode rows: few output columns want narrow tiles and K split 4
+# ways, so that enough programs share the work (o_proj / down_proj at N=4096: down_proj at 16 rows 56 -> 27 us), many
+# want wide ones. 17-32 rows, N < WIDE_N: the SWAP tiles (2026-12-02 (4); 16 rows and wide N gain nothing end to end,
+# except w8a16's wide N, +1.6% unsplit, left out for one table). Past DEQUANT_CUBLAS_ROWS
+# rows the weight is dequantized to x's dtype by `dequantize_triton` and multiplied by cuBLAS (prefill:
+# compute-bound, where cuBLAS wins).
+GEMM_TILES = {16: ((16, 32, 128, 4, 4, 4, False), (16, 32, 128, 4, 4, 2, False)),
+              32: ((32, 128, 128, 8, 3, 4, True), (32, 64, 128, 4, 3, 2, False)),
+              64: ((32, 64, 128, 4, 3, 4, False), (64, 32, 128, 4, 3, 1, False))}
 WIDE_N = 8192
 DEQUANT_CUBLAS_ROWS = 64
 
@@ -180,7 +198,7 @@ def quant_matmul_triton(x, w: QuantWeight, bias=None, residual=None, tiles=None)
     if x.is_cuda and M > DEQUANT_CUBLAS_ROWS and tiles is None and w.perm is None:  # act-order: the fused kernel
         y = F.linear(x, dequantize_triton(w, x.dtype), bias)
         return y if residual is None else residual + y
-    BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split_k = tiles or _tiles(M, w)
+    BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split_k, swap = tiles or _tiles(M, w)
     split_k = max(min(split_k, triton.cdiv(K, BLOCK_K)), 1)
     part = torch.empty((split_k, M, N) if split_k > 1 else (1,), dtype=torch.float32, device=x.device)
     bias_arg, res_arg = bias if bias is not None else x, residual if residual is not None else x
@@ -194,7 +212,7 @@ def quant_matmul_triton(x, w: QuantWeight, bias=None, residual=None, tiles=None)
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=split_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 stays fp32: no silent TF32
         UPCAST_DOT=x.device.type == "cpu" and x.dtype != torch.float32,  # CPU tensors mean TRITON_INTERPRET
-        num_warps=warps, num_stages=stages,
+        SWAP=bool(swap), num_warps=warps, num_stages=stages,
     )
     if split_k > 1:
         _split_k_sum_kernel[(triton.cdiv(M, 16), triton.cdiv(N, 128))](

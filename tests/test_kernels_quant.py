@@ -6,7 +6,7 @@ import torch
 from kernels.gemv import (act_linear_add_torch, act_linear_add_triton, linear_add_torch, linear_add_triton,
                           norm_linear_torch, norm_linear_triton, norm_mlp_add_torch, norm_mlp_add_triton)
 from kernels.quant_cpu import CpuInt4Weight, CpuInt8Weight, pack_for_cpu
-from kernels.quant_matmul import quant_matmul_torch, quant_matmul_triton
+from kernels.quant_matmul import _tiles, quant_matmul_torch, quant_matmul_triton
 from kernels.quant_weight import QuantWeight, cat_rows, dequantize, pack_int4, quant_linear_torch, unpack_int4
 from tests.triton_setup import DEVICE, needs_triton
 
@@ -167,8 +167,29 @@ def test_triton_gemm_split_k_matches_twin(split_k, fmt):
     x = torch.randn(5, 1152, device=DEVICE, dtype=dtype)
     bias = torch.randn(41, device=DEVICE, dtype=dtype)
     residual = torch.randn(5, 41, device=DEVICE, dtype=dtype)
-    y = quant_matmul_triton(x, w, bias, residual, tiles=(16, 32, 64, 4, 2, split_k))
+    y = quant_matmul_triton(x, w, bias, residual, tiles=(16, 32, 64, 4, 2, split_k, False))
     _close(y, quant_matmul_torch(x, w, bias, residual), dtype)
+    y = quant_matmul_triton(x, w, bias, residual, tiles=(16, 64, 64, 4, 2, split_k, True))
+    _close(y, quant_matmul_torch(x, w, bias, residual), dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("N, K", [(41, 384)] + [pytest.param(N, K, marks=pytest.mark.gpu)
+                                                for N, K in [(4096, 4096), (4096, 11008)]])
+@pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
+@pytest.mark.parametrize("M", [17, 32])
+def test_triton_gemm_swapped_tiles_match_twin(M, fmt, N, K):
+    """17-32 rows and N < WIDE_N take the SWAP tiles (the weight tile as the MMA's first operand, the product
+    transposed)."""
+    if fmt[1] != "K" and K % fmt[1]:
+        pytest.skip("group does not divide K")
+    dtype = torch.bfloat16
+    w = random_quant(N, K, *fmt, dtype=dtype)
+    assert _tiles(M, w)[-1]
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype)
+    bias = torch.randn(N, device=DEVICE, dtype=dtype)
+    residual = torch.randn(M, N, device=DEVICE, dtype=dtype)
+    _close(quant_matmul_triton(x, w, bias, residual), quant_matmul_torch(x, w, bias, residual), dtype)
 
 
 @pytest.mark.parametrize("fmt", [(4, 32, False, False), (4, 128, False, True), (4, 64, True, False),
