@@ -29,14 +29,14 @@ def main():
                     dict(BITS=bits, GROUP=group, MODE=mode, HAS_ZERO=zero, HAS_PERM=perm, HAS_BIAS=not act,
                          HAS_RESIDUAL=not act, ACT=act, BLOCK_N=16, BLOCK_K=1024, NG=max(1024 // group, 1),
                          STAGES=1 if bits == 4 else 3, FMA=bits == 4, PDL=True))
-    for bits, group, zero, perm, block_m in [(4, 32, True, False, 16), (4, 128, True, True, 32),
-                                             (8, 4096, False, False, 64)]:
+    for bits, group, zero, perm, block_m, swap in [(4, 32, True, False, 16, False), (4, 128, True, True, 32, True),
+                                                   (8, 4096, False, False, 64, False), (8, 4096, False, False, 32, True)]:
         compile_one(qm._quant_matmul_kernel,
                     dict(x_ptr=BF16, q_ptr="*u8" if bits == 4 else "*i8", s_ptr="*fp32", z_ptr="*fp32",
                          perm_ptr="*i64", bias_ptr=BF16, res_ptr=BF16, y_ptr=BF16, part_ptr="*fp32"),
                     dict(BITS=bits, GROUP=group, HAS_ZERO=zero, HAS_PERM=perm, HAS_BIAS=False, HAS_RESIDUAL=True,
-                         BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=min(group, 128), SPLIT_K=1 if perm else 4,
-                         DOT_PRECISION="tf32", UPCAST_DOT=False))
+                         BLOCK_M=block_m, BLOCK_N=128 if swap else 64, BLOCK_K=min(group, 128),
+                         SPLIT_K=1 if perm else 4, DOT_PRECISION="tf32", UPCAST_DOT=False, SWAP=swap))
         compile_one(qm._dequantize_kernel,
                     dict(q_ptr="*u8" if bits == 4 else "*i8", s_ptr="*fp32", z_ptr="*fp32", w_ptr=BF16),
                     dict(BITS=bits, GROUP=group, HAS_ZERO=zero, BLOCK_N=16, BLOCK_K=256))
