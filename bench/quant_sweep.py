@@ -38,9 +38,9 @@ from kernels.quant_gemv import _quant_gemv
 from kernels.quant_matmul import quant_matmul_triton
 from kernels.quant_weight import quant_linear_torch
 
-GEMV_CONFIGS = {4: [(bn, bk, w, s) for bn, bk in ((4, 2048), (8, 1024), (8, 2048), (16, 1024), (16, 2048))
+GEMV_CONFIGS = {4: [(bn, bk, w, s) for bn, bk in ((4, 2048), (8, 1024), (8, 2048), (8, 4096), (16, 1024), (16, 2048))
                     for w in (4, 8) for s in (1, 3)],
-                8: [(bn, bk, w, s) for bn, bk in ((8, 512), (8, 1024), (16, 512), (16, 1024))
+                8: [(bn, bk, w, s) for bn, bk in ((8, 512), (8, 1024), (8, 2048), (16, 512), (16, 1024))
                     for w in (4, 8) for s in (1, 3)]}
 GEMM_CONFIGS = {M: sorted({(min(M, bm), bn, 128, w, s, split, False) for bm in (16, 32, 64) for bn in (16, 32, 64)
                            for w, s in ((4, 3), (4, 4)) for split in (1, 2, 4, 8)}

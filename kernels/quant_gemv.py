@@ -16,9 +16,12 @@ Scales are applied per group, not per weight: `sum_k (q*s + z) * x = s * sum_k q
 a tile multiplies integers by activations and scales once per (row, group). The launcher picks BLOCK_K so that a
 tile holds whole groups or lies inside one: group sizes must be powers of two, or K (per output channel).
 The weight is read as int32 words (8 nibbles or 4 bytes) and each code becomes a float by bit arithmetic
-(`_plane_dot`), not by a conversion instruction, and meets its input in one fused multiply-add: on an H200 that
-took the 4-bit GEMV from 0.9-1.4 TB/s to 1.3-2.1 (Llama-2-7B's four projections 59 us a layer, 70 before the fused
-multiply-add and one-instruction mask).
+(`_plane_dot`), not by a conversion instruction: masked where it lies, its bits read as a float are a subnormal,
+code * 2^(bit - 149), which times its input (scaled by a power of two) is the exact product, so one fused
+multiply-add a code accumulates it (two instructions a code: the mask and the multiply-add). On an H200 that took
+Llama-2-7B's four 4-bit projections from 62.4 to 57.0 us a layer and batch-1 decode from 401 to 436 tokens/s (8-bit:
+72.0 -> 66.2 us, 354 -> 386); the 2^23-based codes before it needed a subtraction a code more, and a conversion
+instruction (quarter rate) before that bounded the GEMV at 0.9-1.4 TB/s.
 The twins are gemv.py's (`_linear` dequantizes, kernels/quant_weight.py); GPU numerics differ from them only in
 summation order and in never rounding the dequantized weight to x's dtype.
 """
@@ -27,12 +30,11 @@ import torch
 
 from ._triton import dependent_launch, dependent_launches, triton, tl
 from .activation import silu_and_mul_triton
-from .quant_matmul import quant_matmul_triton
+from .quant_matmul import WIDE_N, quant_matmul_triton
 from .quant_weight import QuantWeight, quant_linear_torch
 from .rms_norm import rms_norm_triton
 
 _MODE_PER_ROW, _MODE_TILE_IN_GROUP, _MODE_GROUPS_IN_TILE = 0, 1, 2
-_MAGIC = 0x4B000000  # the float 2^23: its mantissa's low 23 bits are an integer's
 
 
 @triton.jit
@@ -44,44 +46,38 @@ def _x_at(x_ptr, perm_ptr, k, k_mask, HAS_PERM: tl.constexpr):
 
 
 @triton.jit
-def _plane_dot(q, xj, j: tl.constexpr, BITS: tl.constexpr, code_mask, magic, FMA: tl.constexpr):
-    """(BLOCK_N, BLOCK_W): code j of each int32 word of q (4 bits: nibble j; 8 bits: byte j, signed) times xj, the
-    input of its column. No int -> float conversion (a quarter-rate instruction that bounded this GEMV): the code,
-    masked where it lies (bit BITS * e), is ORed into the mantissa of 2^23 (`magic`), which makes the float 2^23 +
-    code * 2^(BITS * e) exactly; with xj scaled by 2^-(BITS * e) (exact), one fused multiply-add with -2^23 times
-    that scaled input gives code * xj rounded once. Codes lying too high for the 23-bit mantissa are shifted down
-    first (the top 3 nibbles by 20 bits, the top 2 bytes by 16); bytes have their sign bits flipped (code + 128) and
-    the 128 goes with the 2^23. For nibbles `code_mask` and `magic` (0xF, 0x4B000000) come in as arguments, not
-    constants: held in registers they let the compiler make mask-and-or one instruction (LOP3) instead of two.
-    FMA False (TRITON_INTERPRET, whose multiply-add rounds twice; 8 bits): the bias is subtracted first, then one
-    multiply."""
+def _plane_dot(q, xj, acc, j: tl.constexpr, BITS: tl.constexpr, FMA: tl.constexpr):
+    """acc + code j of each int32 word of q times xj * 2^-64, rounded once, for (BLOCK_N, BLOCK_W) words and their
+    columns' inputs xj (BLOCK_W,). The code, masked where it lies (bit BITS * e; codes past the 23-bit mantissa are
+    shifted down first: the top 3 nibbles by 20 bits, the top 2 bytes by 16), read as a float is the subnormal
+    code * 2^(BITS * e - 149); xj times 2^(149 - BITS * e - 64) (exact) makes the product code * xj * 2^-64, which
+    the fused multiply-add adds to acc with one rounding. FMA False is for TRITON_INTERPRET, whose multiply-add
+    rounds twice: a multiply and an add, the same result for bf16 / fp16 inputs, whose products with 4-8-bit codes
+    are exact. No conversion instruction, no bias to take off. This holds for |x| in [2^-62, 2^43): a smaller
+    input's product is itself subnormal (absolute error under 2^-85 times the scale), a larger one overflows (fp16's
+    largest is 2^16; a model's activations stay far below). GPUs keep fp32 subnormals in FMA at full speed (Triton
+    emits no .ftz)."""
     LOW: tl.constexpr = 5 if BITS == 4 else 2  # codes 0..LOW-1 fit where they lie
-    if BITS == 8:
-        q = q ^ -2139062144  # 0x80808080
     if j < LOW:
         e: tl.constexpr = j
         src = q
     else:
         e: tl.constexpr = j - LOW
         src = q >> (BITS * LOW)
-    if BITS == 4:
-        code = ((src & (code_mask << (BITS * e))) | magic).to(tl.float32, bitcast=True)
-    else:  # bytes: constants and no fused multiply-add, which measured fastest end to end (w8a16 batch 1 on an
-        # H200: 356 tokens/s, 318 with the register-held mask and the multiply-add)
-        code = ((src & (255 << (8 * e))) | 0x4B000000).to(tl.float32, bitcast=True)
-    BIAS: tl.constexpr = 8388608.0 if BITS == 4 else 8388608.0 + 128.0 * (1 << (8 * e))
-    xs = xj * (1.0 / (1 << (BITS * e)))
+    code = (src & (((1 << BITS) - 1) << (BITS * e))).to(tl.float32, bitcast=True)
+    SCALE: tl.constexpr = 2.0 ** (149 - BITS * e - 64)
+    xs = xj * SCALE
     if FMA:
-        part = tl.fma(code, xs[None, :], (xs * -BIAS)[None, :])
-    else:
-        part = (code - BIAS) * xs[None, :]
-    return part
+        return tl.fma(code, xs[None, :], acc)
+    return code * xs[None, :] + acc
 
 
 @triton.jit
-def _words_dot(q, xw, BLOCK_W: tl.constexpr, BITS: tl.constexpr, code_mask, magic, FMA: tl.constexpr):
-    """sum_j code_j(q[n, w]) * xw[w, j]: (BLOCK_N, BLOCK_W) int32 words against their columns' inputs (BLOCK_W, PER),
-    which are split into code planes in registers (x read contiguously, once per program)."""
+def _words_dot(q, xw, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BITS: tl.constexpr, FMA: tl.constexpr):
+    """sum_j code_j(q[n, w]) * xw[w, j] * 2^-64: (BLOCK_N, BLOCK_W) int32 words against their columns' inputs
+    (BLOCK_W, PER), which are split into code planes in registers (x read contiguously, once per program). Bytes
+    come as code + 128 (sign bits flipped); the caller takes 128 * sum(x) off."""
+    qx = tl.zeros((BLOCK_N, BLOCK_W), tl.float32)
     if BITS == 4:
         a, b = tl.split(tl.reshape(xw, (BLOCK_W, 2, 2, 2)))  # the last axis splits first: j % 2
         a0, a1 = tl.split(a)
@@ -90,23 +86,30 @@ def _words_dot(q, xw, BLOCK_W: tl.constexpr, BITS: tl.constexpr, code_mask, magi
         x2, x6 = tl.split(a1)
         x1, x5 = tl.split(b0)
         x3, x7 = tl.split(b1)
-        qx = _plane_dot(q, x0, 0, BITS, code_mask, magic, FMA) + _plane_dot(q, x1, 1, BITS, code_mask, magic, FMA)
-        qx += _plane_dot(q, x2, 2, BITS, code_mask, magic, FMA) + _plane_dot(q, x3, 3, BITS, code_mask, magic, FMA)
-        qx += _plane_dot(q, x4, 4, BITS, code_mask, magic, FMA) + _plane_dot(q, x5, 5, BITS, code_mask, magic, FMA)
-        qx += _plane_dot(q, x6, 6, BITS, code_mask, magic, FMA) + _plane_dot(q, x7, 7, BITS, code_mask, magic, FMA)
+        qx = _plane_dot(q, x0, qx, 0, BITS, FMA)
+        qx = _plane_dot(q, x1, qx, 1, BITS, FMA)
+        qx = _plane_dot(q, x2, qx, 2, BITS, FMA)
+        qx = _plane_dot(q, x3, qx, 3, BITS, FMA)
+        qx = _plane_dot(q, x4, qx, 4, BITS, FMA)
+        qx = _plane_dot(q, x5, qx, 5, BITS, FMA)
+        qx = _plane_dot(q, x6, qx, 6, BITS, FMA)
+        qx = _plane_dot(q, x7, qx, 7, BITS, FMA)
     else:
+        q = q ^ -2139062144  # 0x80808080: code + 128, unsigned
         a, b = tl.split(tl.reshape(xw, (BLOCK_W, 2, 2)))
         x0, x2 = tl.split(a)
         x1, x3 = tl.split(b)
-        qx = _plane_dot(q, x0, 0, BITS, code_mask, magic, FMA) + _plane_dot(q, x1, 1, BITS, code_mask, magic, FMA)
-        qx += _plane_dot(q, x2, 2, BITS, code_mask, magic, FMA) + _plane_dot(q, x3, 3, BITS, code_mask, magic, FMA)
+        qx = _plane_dot(q, x0, qx, 0, BITS, FMA)
+        qx = _plane_dot(q, x1, qx, 1, BITS, FMA)
+        qx = _plane_dot(q, x2, qx, 2, BITS, FMA)
+        qx = _plane_dot(q, x3, qx, 3, BITS, FMA)
     return qx
 
 
 @triton.jit
 def _quant_gemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, res_ptr, y_ptr,
-    N, K, stride_qn, stride_sn, code_mask, magic,
+    N, K, stride_qn, stride_sn,
     BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, STAGES: tl.constexpr, FMA: tl.constexpr,
@@ -117,6 +120,8 @@ def _quant_gemv_kernel(
     ACT: the weight is a packed (gate | up) of N rows; the program's BLOCK_N rows are BLOCK_N / 2 features' gate and
     up rows, interleaved, and it writes silu(gate) * up for those features (y has N / 2 columns)."""
     HALF_N: tl.constexpr = BLOCK_N // 2  # ACT: features a program
+    TWO_C: tl.constexpr = 2.0 ** 64  # _plane_dot's products are q * x * 2^-64
+    OFFSET: tl.constexpr = 128.0 if BITS == 8 else 0.0  # bytes come as code + 128
     if ACT:
         r = tl.arange(0, BLOCK_N)
         feat = tl.program_id(0) * HALF_N + r // 2
@@ -142,30 +147,39 @@ def _quant_gemv_kernel(
         xw = _x_at(x_ptr, perm_ptr, word[:, None] * PER + tl.arange(0, PER)[None, :], w_mask[:, None],
                    HAS_PERM)  # (BLOCK_W, PER): the step's columns in order
         xs = tl.sum(xw, axis=1)
-        qx = _words_dot(q, xw, BLOCK_W, BITS, code_mask, magic, FMA)
+        qx = _words_dot(q, xw, BLOCK_N, BLOCK_W, BITS, FMA)
         if MODE == 0:  # one scale per row: applied after the loop
             acc += qx
             xsum += xs
         elif MODE == 1:  # the tile lies inside one group: one scale per row
             s = tl.load(s_rows + k0 // GROUP, mask=row_mask[:, None], other=0.0).to(tl.float32)  # (BLOCK_N, 1)
-            part = qx * s
+            part = qx * (s * TWO_C)
+            zt = -OFFSET * s
             if HAS_ZERO:
-                part += tl.load(z_rows + k0 // GROUP, mask=row_mask[:, None], other=0.0).to(tl.float32) * xs[None, :]
+                zt += tl.load(z_rows + k0 // GROUP, mask=row_mask[:, None], other=0.0).to(tl.float32)
+            if HAS_ZERO or OFFSET != 0:
+                part += zt * xs[None, :]
             acc += part
         else:  # whole groups in the tile: each (row, group)'s integer dot, then its scale
             g = k0 // GROUP + tl.arange(0, NG)
             g_mask = row_mask[:, None] & (g[None, :] < K // GROUP)
             s = tl.load(s_rows + g[None, :], mask=g_mask, other=0.0).to(tl.float32)  # (BLOCK_N, NG)
-            part = tl.sum(tl.reshape(qx, (BLOCK_N, NG, GROUP // PER)), axis=2) * s
+            part = tl.sum(tl.reshape(qx, (BLOCK_N, NG, GROUP // PER)), axis=2) * (s * TWO_C)
+            zt = -OFFSET * s
             if HAS_ZERO:
-                z = tl.load(z_rows + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
-                part += z * tl.sum(tl.reshape(xs, (NG, GROUP // PER)), axis=1)[None, :]
+                zt += tl.load(z_rows + g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+            if HAS_ZERO or OFFSET != 0:
+                part += zt * tl.sum(tl.reshape(xs, (NG, GROUP // PER)), axis=1)[None, :]
             acc_g += part
     y = tl.sum(acc, axis=1) + tl.sum(acc_g, axis=1)  # (BLOCK_N,)
     if MODE == 0:
-        y = y * tl.load(s_ptr + rows * stride_sn, mask=row_mask, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + rows * stride_sn, mask=row_mask, other=0.0).to(tl.float32)
+        y = y * (s * TWO_C)
+        zt = -OFFSET * s
         if HAS_ZERO:
-            y += tl.load(z_ptr + rows * stride_sn, mask=row_mask, other=0.0).to(tl.float32) * tl.sum(xsum, axis=0)
+            zt += tl.load(z_ptr + rows * stride_sn, mask=row_mask, other=0.0).to(tl.float32)
+        if HAS_ZERO or OFFSET != 0:
+            y += zt * tl.sum(xsum, axis=0)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
@@ -195,18 +209,20 @@ def _block_sizes(w: QuantWeight) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages): GEMV_TILES, with fewer rows a program for a short N so that
     there are at least ~2 programs per SM, and a K step no longer than K."""
     N, K = w.shape
-    block_n, block_k, warps, stages = GEMV_TILES[w.bits]
+    block_n, block_k, warps, stages = GEMV_TILES[w.bits][N >= WIDE_N]
     while block_n > 4 and triton.cdiv(N, block_n) < 256:
         block_n //= 2
     return block_n, max(min(block_k, triton.next_power_of_2(K)), 32), warps, stages
 
 
-# bits -> (BLOCK_N, BLOCK_K, num_warps, num_stages) of the one-row GEMV: the least total time over the Llama-2-7B
-# projections on an H200 (graph-timed, weights past the L2 cache; `python -m bench.quant_sweep`), 2026-12-01:
-# 4-bit 6.7-22.7 us a projection (1.3-2.1 TB/s of packed weight), 8-bit 7.8-28 us (2.2-3.3 TB/s). End to end (batch
-# 1, dependent launches on) these also won: 4-bit 397 tokens/s against 371 with 4 rows a program for N = 4,096,
-# 306 with 2 stages, 340 with (8, 4096, 8, 1), 337 with 4 rows everywhere; 8-bit 349 against 281 with (16, 512, 4, 3).
-GEMV_TILES = {4: (8, 2048, 4, 1), 8: (8, 1024, 4, 3)}
+# bits -> (tiles for N < WIDE_N, tiles for N >= WIDE_N) of the one-row GEMV, (BLOCK_N, BLOCK_K, num_warps,
+# num_stages): the least total time over the Llama-2-7B projections on an H200 (graph-timed, weights past the L2
+# cache; `python -m bench.quant_sweep`) confirmed by batch-1 decode end to end. 2026-12-02 (5), subnormal codes:
+# 4-bit o_proj / down_proj 6.3 / 14.4 us with the narrow tile (6.8 / 17.5 with the wide one), batch 1 447.6 tokens/s
+# against 436.1 with one tile for all and 443.6 with (8, 2048, 4, 2); 8-bit's narrow (8, 2048, 4, 1) 388.3 against
+# 386.7 (noise-sized: one tile kept). Earlier end-to-end picks: 4-bit 397 tokens/s against 371 with 4 rows a program
+# for N = 4,096, 306 with 2 stages, 337 with 4 rows everywhere; 8-bit 349 against 281 with (16, 512, 4, 3).
+GEMV_TILES = {4: ((8, 4096, 8, 1), (8, 2048, 4, 1)), 8: ((8, 1024, 4, 3), (8, 1024, 4, 3))}
 
 
 def _quant_gemv(x, w: QuantWeight, bias, residual, tiles=None, act=False):
@@ -219,14 +235,12 @@ def _quant_gemv(x, w: QuantWeight, bias, residual, tiles=None, act=False):
     _quant_gemv_kernel[(triton.cdiv(N // 2, BLOCK_N // 2) if act else triton.cdiv(N, BLOCK_N),)](
         x, words, w.scales, w.zeros if w.zeros is not None else w.scales, w.perm if w.perm is not None else x,
         bias if bias is not None else x, residual if residual is not None else x, y,
-        N, K, words.stride(0), w.scales.stride(0), (1 << w.bits) - 1, _MAGIC,
+        N, K, words.stride(0), w.scales.stride(0),
         BITS=w.bits, GROUP=w.group_size, MODE=group_mode(w, BLOCK_K), HAS_ZERO=w.zeros is not None,
         HAS_PERM=w.perm is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         ACT=act,
         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, NG=max(BLOCK_K // w.group_size, 1),
-        # the fused multiply-add for 4 bits on a GPU (CPU tensors mean TRITON_INTERPRET); bytes keep the subtraction
-        # (see _plane_dot; their bias 2^23 + 128 * 2^(8e) times an fp32 x would also round)
-        STAGES=stages, FMA=x.is_cuda and w.bits == 4, PDL=pdl, num_warps=warps, launch_pdl=pdl,
+        STAGES=stages, FMA=x.is_cuda, PDL=pdl, num_warps=warps, launch_pdl=pdl,  # CPU: TRITON_INTERPRET, see _plane_dot
     )
     return y
 

@@ -28,7 +28,7 @@ def main():
                          res_ptr=BF16, y_ptr=BF16),
                     dict(BITS=bits, GROUP=group, MODE=mode, HAS_ZERO=zero, HAS_PERM=perm, HAS_BIAS=not act,
                          HAS_RESIDUAL=not act, ACT=act, BLOCK_N=16, BLOCK_K=1024, NG=max(1024 // group, 1),
-                         STAGES=1 if bits == 4 else 3, FMA=bits == 4, PDL=True))
+                         STAGES=1 if bits == 4 else 3, FMA=True, PDL=True))
     for bits, group, zero, perm, block_m, swap in [(4, 32, True, False, 16, False), (4, 128, True, True, 32, True),
                                                    (8, 4096, False, False, 64, False), (8, 4096, False, False, 32, True)]:
         compile_one(qm._quant_matmul_kernel,

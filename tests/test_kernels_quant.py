@@ -147,6 +147,22 @@ def test_gemv_rows_not_whole_words_take_the_other_path(K, fmt, op, bias, poison_
 
 
 @needs_triton
+@pytest.mark.parametrize("x_scale", [2.0 ** -50, 1e-6, 1e4, 2.0 ** 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", FORMATS[:2] + FORMATS[4:6], ids=FORMAT_IDS[:2] + FORMAT_IDS[4:6])
+def test_gemv_exact_over_the_input_range(fmt, dtype, x_scale):
+    """The one-row GEMV's codes are subnormal floats scaled by powers of two (quant_gemv.py `_plane_dot`): tiny and
+    huge inputs, inside the documented range, keep the twin's relative accuracy (no flush to zero, no overflow)."""
+    w = random_quant(97, 1152, *fmt, dtype=dtype)
+    x = (torch.randn(1, 1152, device=DEVICE) * x_scale).to(dtype)
+    residual = torch.zeros(1, 97, device=DEVICE, dtype=dtype)
+    y, ref = linear_add_triton(x, w, None, residual), linear_add_torch(x, w, None, residual)
+    assert y.isfinite().all()
+    top = ref.float().abs().max()
+    _close(y / top, ref / top, dtype)
+
+
+@needs_triton
 @pytest.mark.parametrize("fmt", FORMATS[:2] + FORMATS[4:5], ids=FORMAT_IDS[:2] + FORMAT_IDS[4:5])
 @pytest.mark.parametrize("M", [17, 70])  # past one 16- and one 64-row tile
 def test_triton_gemm_prefill_sizes(M, fmt):
