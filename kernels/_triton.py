@@ -67,9 +67,17 @@ if HAS_TRITON:
         if PDL:
             gdc_launch_dependents()
             gdc_wait()
+
+    @triton.jit
+    def dependents_early(TRIGGER: tl.constexpr):
+        """In a kernel launched without programmatic dependent launch (it waits for nothing): lets the next kernel,
+        launched with it, be scheduled once all of this one's programs have started, instead of once they end."""
+        if TRIGGER:
+            gdc_launch_dependents()
 else:
     _HAS_GDC = False
     dependent_launch = triton.jit(lambda PDL: None)
+    dependents_early = triton.jit(lambda TRIGGER: None)
 
 
 @functools.cache
@@ -85,4 +93,4 @@ def dependent_launches(t: torch.Tensor) -> bool:
                                                     else torch.cuda.current_device())
 
 
-__all__ = ["HAS_TRITON", "triton", "tl", "dependent_launch", "dependent_launches"]
+__all__ = ["HAS_TRITON", "triton", "tl", "dependent_launch", "dependent_launches", "dependents_early"]

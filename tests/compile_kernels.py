@@ -36,12 +36,13 @@ def main():
                          perm_ptr="*i64", bias_ptr=BF16, res_ptr=BF16, y_ptr=BF16, part_ptr="*fp32"),
                     dict(BITS=bits, GROUP=group, HAS_ZERO=zero, HAS_PERM=perm, HAS_BIAS=False, HAS_RESIDUAL=True,
                          BLOCK_M=block_m, BLOCK_N=128 if swap else 64, BLOCK_K=min(group, 128),
-                         SPLIT_K=1 if perm else 4, DOT_PRECISION="tf32", UPCAST_DOT=False, SWAP=swap))
+                         SPLIT_K=1 if perm else 4, DOT_PRECISION="tf32", UPCAST_DOT=False, SWAP=swap,
+                         TRIGGER=True))
         compile_one(qm._dequantize_kernel,
                     dict(q_ptr="*u8" if bits == 4 else "*i8", s_ptr="*fp32", z_ptr="*fp32", w_ptr=BF16),
                     dict(BITS=bits, GROUP=group, HAS_ZERO=zero, BLOCK_N=16, BLOCK_K=256))
     compile_one(qm._split_k_sum_kernel, dict(part_ptr="*fp32", bias_ptr=BF16, res_ptr=BF16, y_ptr=BF16),
-                dict(SPLIT_K=4, HAS_BIAS=True, HAS_RESIDUAL=True, BLOCK_M=16, BLOCK_N=128))
+                dict(SPLIT_K=4, HAS_BIAS=True, HAS_RESIDUAL=True, BLOCK_M=16, BLOCK_N=128, PDL=True))
     for quant in (False, True):
         cache = "*u8" if quant else BF16
         compile_one(ks._rope_store_kv_kernel,
