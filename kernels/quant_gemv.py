@@ -19,9 +19,10 @@ The weight is read as int32 words (8 nibbles or 4 bytes) and each code becomes a
 (`_plane_dot`), not by a conversion instruction: masked where it lies, its bits read as a float are a subnormal,
 code * 2^(bit - 149), which times its input (scaled by a power of two) is the exact product, so one fused
 multiply-add a code accumulates it (two instructions a code: the mask and the multiply-add). On an H200 that took
-Llama-2-7B's four 4-bit projections from 62.4 to 57.0 us a layer and batch-1 decode from 401 to 436 tokens/s (8-bit:
-72.0 -> 66.2 us, 354 -> 386); the 2^23-based codes before it needed a subtraction a code more, and a conversion
-instruction (quarter rate) before that bounded the GEMV at 0.9-1.4 TB/s.
+Llama-2-7B's four 4-bit projections from 62.4 to 57.0 us a layer (53.4 with GEMV_TILES' narrow tile) and batch-1
+decode from 401 to 436 tokens/s (446-449 with it; 8-bit: 72.0 -> 66.2 us, 354 -> 386); the 2^23-based codes before
+it needed an add a code more, and a conversion instruction (quarter rate) before that bounded the GEMV at 0.9-1.4
+TB/s.
 The twins are gemv.py's (`_linear` dequantizes, kernels/quant_weight.py); GPU numerics differ from them only in
 summation order and in never rounding the dequantized weight to x's dtype.
 """
