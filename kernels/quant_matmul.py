@@ -11,6 +11,9 @@ of them (without it, two 16-row tiles dequantize it twice; measured on an H200: 
 w4a16 batch-32 decode ~5,200 -> ~5,700 tokens/s). Few output columns (N = 4,096) leave too
 few programs for the GPU, so K is split among SPLIT_K programs per tile, whose fp32 partials a second kernel sums in a
 fixed order (the result does not depend on which program finishes first) before the bias and residual epilogue.
+At 17-32 rows the tiles are one warpgroup (64 weight rows) with at most 96 registers a thread, so that five
+programs share an SM: with 2-3 warps a scheduler the kernel had been latency-bound (ncu on an H200: an instruction
+issued every 2-2.6 cycles); w4a16 batch 32 5,601 -> 6,107 tokens/s.
 On Hopper the GEMM lets the next kernel be scheduled once all its programs have started, and the sum kernel launches
 with programmatic dependent launch (kernels/_triton.py), hiding its launch gap: w4a16 batch 32 ~5,515 -> ~5,630
 tokens/s, batch 16 ~3,300 -> ~3,445 on an H200. The GEMM itself does not wait that way (launched early, its
@@ -20,6 +23,8 @@ More rows (prefill: compute-bound): the weight is dequantized by `dequantize_tri
 The twin is `kernels.quant_weight.quant_linear_torch` (+ residual): the weight dequantized to x's dtype and
 nn.Linear. Not here: one-row GEMVs (kernels/quant_gemv.py), the CPU path (kernels/quant_cpu.py).
 """
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -159,29 +164,43 @@ def dequantize_triton(w: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _tiles(M: int, w: QuantWeight) -> tuple[int, int, int, int, int, int, bool]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K, SWAP) from GEMM_TILES; BLOCK_K divides the group
-    (a per-channel weight is one group of K)."""
+class GemmTiles(NamedTuple):
+    """One launch shape of `_quant_matmul_kernel`; maxnreg caps the registers a thread (None: the compiler's
+    choice), so that more programs fit an SM."""
+    block_m: int
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+    split_k: int
+    swap: bool
+    maxnreg: int | None = None
+
+
+def _tiles(M: int, w: QuantWeight) -> GemmTiles:
+    """GEMM_TILES' entry for M rows and w's width; BLOCK_K divides the group (a per-channel weight is one group of
+    K)."""
     N, K = w.shape
-    block_m, block_n, block_k, warps, stages, split, swap = GEMM_TILES[16 if M <= 16 else 32 if M <= 32 else 64][
-        N >= WIDE_N]
+    t = GemmTiles(*GEMM_TILES[16 if M <= 16 else 32 if M <= 32 else 64][N >= WIDE_N])
+    block_k = t.block_k
     while w.group_size != K and w.group_size % block_k:
         block_k //= 2
-    if M > DEQUANT_CUBLAS_ROWS:  # an act-order prefill (see quant_matmul_triton): programs enough without a split
-        split = 1
-    return block_m, block_n, block_k, warps, stages, split, swap
+    # past DEQUANT_CUBLAS_ROWS rows only an act-order prefill comes here (see quant_matmul_triton): no split needed
+    return t._replace(block_k=block_k, split_k=1 if M > DEQUANT_CUBLAS_ROWS else t.split_k)
 
 
-# rows (<=) -> (tiles for N < WIDE_N, tiles for N >= WIDE_N) of the fused dequantize-GEMM, (BLOCK_M, BLOCK_N, BLOCK_K,
-# warps, stages, SPLIT_K, SWAP), measured on an H200 with `python -m bench.quant_sweep` (graph-timed, weights past the
-# L2 cache; 2026-12-01) and confirmed by the engine's decode rows: few output columns want narrow tiles and K split 4
-# ways, so that enough programs share the work (o_proj / down_proj at N=4096: down_proj at 16 rows 56 -> 27 us), many
-# want wide ones. 17-32 rows, N < WIDE_N: the SWAP tiles (2026-12-02 (4); 16 rows and wide N gain nothing end to end,
-# except w8a16's wide N, +1.6% unsplit, left out for one table). Past DEQUANT_CUBLAS_ROWS
-# rows the weight is dequantized to x's dtype by `dequantize_triton` and multiplied by cuBLAS (prefill:
-# compute-bound, where cuBLAS wins).
+# rows (<=) -> (tiles for N < WIDE_N, tiles for N >= WIDE_N) of the fused dequantize-GEMM, GemmTiles fields in order,
+# measured on an H200 with `python -m bench.quant_sweep` (graph-timed, weights past the L2 cache) and kept only where
+# the engine's decode rows confirm them: few output columns want narrow tiles and K split several ways, so that enough
+# programs share the work (o_proj / down_proj at N=4096: down_proj at 16 rows 56 -> 27 us), many want wide ones.
+# 17-32 rows: SWAP tiles of one warpgroup (64 weight rows), K split 8 ways for N < WIDE_N and 3 ways for the wide
+# projections, at most 96 registers a thread so that 5 programs share an SM (2026-12-02 (6): with 2-3 warps a scheduler
+# the kernel was latency-bound, ncu: issue 0.39-0.56 a cycle, stalls on fixed-latency dependencies first). End to end
+# (batch 32 / 24 tokens/s): w4a16 5,601 / 4,254 -> 6,107 / 4,760, w8a16 5,753 / 4,481 -> 6,122 / 4,838.
+# Past DEQUANT_CUBLAS_ROWS rows the weight is dequantized to x's dtype by `dequantize_triton` and multiplied by
+# cuBLAS (prefill: compute-bound, where cuBLAS wins).
 GEMM_TILES = {16: ((16, 32, 128, 4, 4, 4, False), (16, 32, 128, 4, 4, 2, False)),
-              32: ((32, 128, 128, 8, 3, 4, True), (32, 64, 128, 4, 3, 2, False)),
+              32: ((32, 64, 128, 4, 3, 8, True, 96), (32, 64, 128, 4, 3, 3, True, 96)),
               64: ((32, 64, 128, 4, 3, 4, False), (64, 32, 128, 4, 3, 1, False))}
 WIDE_N = 8192
 DEQUANT_CUBLAS_ROWS = 64
@@ -206,7 +225,7 @@ def quant_matmul_triton(x, w: QuantWeight, bias=None, residual=None, tiles=None)
     if x.is_cuda and M > DEQUANT_CUBLAS_ROWS and tiles is None and w.perm is None:  # act-order: the fused kernel
         y = F.linear(x, dequantize_triton(w, x.dtype), bias)
         return y if residual is None else residual + y
-    BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split_k, swap = tiles or _tiles(M, w)
+    BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split_k, swap, maxnreg = GemmTiles(*tiles) if tiles else _tiles(M, w)
     split_k = max(min(split_k, triton.cdiv(K, BLOCK_K)), 1)
     part = torch.empty((split_k, M, N) if split_k > 1 else (1,), dtype=torch.float32, device=x.device)
     bias_arg, res_arg = bias if bias is not None else x, residual if residual is not None else x
@@ -221,7 +240,7 @@ def quant_matmul_triton(x, w: QuantWeight, bias=None, residual=None, tiles=None)
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=split_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 stays fp32: no silent TF32
         UPCAST_DOT=x.device.type == "cpu" and x.dtype != torch.float32,  # CPU tensors mean TRITON_INTERPRET
-        SWAP=bool(swap), TRIGGER=pdl, num_warps=warps, num_stages=stages,
+        SWAP=bool(swap), TRIGGER=pdl, num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if split_k > 1:
         _split_k_sum_kernel[(triton.cdiv(M, 16), triton.cdiv(N, 128))](

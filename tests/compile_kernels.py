@@ -14,9 +14,10 @@ import kernels.quant_matmul as qm
 BF16 = "*bf16"
 
 
-def compile_one(fn, types: dict, consts: dict) -> None:
+def compile_one(fn, types: dict, consts: dict, options: dict | None = None) -> None:
     signature = {n: types.get(n, "i32") for n in fn.arg_names if n not in consts}
-    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options=options)
 
 
 def main():
@@ -37,7 +38,8 @@ def main():
                     dict(BITS=bits, GROUP=group, HAS_ZERO=zero, HAS_PERM=perm, HAS_BIAS=False, HAS_RESIDUAL=True,
                          BLOCK_M=block_m, BLOCK_N=128 if swap else 64, BLOCK_K=min(group, 128),
                          SPLIT_K=1 if perm else 4, DOT_PRECISION="tf32", UPCAST_DOT=False, SWAP=swap,
-                         TRIGGER=True))
+                         TRIGGER=True),
+                    dict(num_warps=4, maxnreg=96) if swap else None)  # the 17-32-row tiles' register cap
         compile_one(qm._dequantize_kernel,
                     dict(q_ptr="*u8" if bits == 4 else "*i8", s_ptr="*fp32", z_ptr="*fp32", w_ptr=BF16),
                     dict(BITS=bits, GROUP=group, HAS_ZERO=zero, BLOCK_N=16, BLOCK_K=256))

@@ -191,15 +191,15 @@ def test_triton_gemm_split_k_matches_twin(split_k, fmt):
 
 @needs_triton
 @pytest.mark.parametrize("N, K", [(41, 384)] + [pytest.param(N, K, marks=pytest.mark.gpu)
-                                                for N, K in [(4096, 4096), (4096, 11008)]])
+                                                for N, K in [(4096, 4096), (4096, 11008), (12288, 4096)]])
 @pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
 @pytest.mark.parametrize("M", [17, 32])
 def test_triton_gemm_swapped_tiles_match_twin(M, fmt, N, K):
-    """17-32 rows and N < WIDE_N take the SWAP tiles (the weight tile as the MMA's first operand, the product
-    transposed)."""
+    """17-32 rows take the SWAP tiles (the weight tile as the MMA's first operand, the product transposed), narrow and
+    wide N (12,288 >= WIDE_N), with a register cap."""
     dtype = torch.bfloat16
     w = random_quant(N, K, *fmt, dtype=dtype)
-    assert _tiles(M, w)[-1]
+    assert _tiles(M, w).swap
     x = torch.randn(M, K, device=DEVICE, dtype=dtype)
     bias = torch.randn(N, device=DEVICE, dtype=dtype)
     residual = torch.randn(M, N, device=DEVICE, dtype=dtype)
