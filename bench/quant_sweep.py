@@ -5,9 +5,9 @@ GEMV_TILES and kernels/quant_matmul.py's GEMM_TILES / WIDE_N by measurement.
     python -m bench.quant_sweep --attention    # kernels/paged_decode.py's DECODE_TILES instead
 
 Per projection and scheme (w4a16 groups of 128, w8a16 per channel): the one-row GEMV per (BLOCK_N, BLOCK_K, warps,
-stages) with the packed bytes it streams per second, beside gemv.py's bf16 GEMV; the fused GEMM per tile, K split and register cap at
-M = 16, 32, 64 beside bf16 cuBLAS (addmm, the residual in its epilogue as ours has it). Every config's output is checked
-against the twin (max error relative to the largest output, flagged past 2e-2).
+stages) with the packed bytes it streams per second, beside gemv.py's bf16 GEMV; the fused GEMM per tile, K split and
+register cap at M = 16, 32, 64 beside bf16 cuBLAS (addmm, the residual in its epilogue as ours has it). Every
+config's output is checked against the twin (max error relative to the largest output, flagged past 2e-2).
 
 --attention: decode attention on an int8 KV cache per (keys a step, warps, stages) beside the bf16 cache's, at
 batch 1 / 8 / 32 and 512-8,192-token contexts (32 heads of 128, pages of 16 in shuffled order, caches past the L2),
@@ -42,11 +42,12 @@ GEMV_CONFIGS = {4: [(bn, bk, w, s) for bn, bk in ((4, 2048), (8, 1024), (8, 2048
                     for w in (4, 8) for s in (1, 3)],
                 8: [(bn, bk, w, s) for bn, bk in ((8, 512), (8, 1024), (8, 2048), (16, 512), (16, 1024))
                     for w in (4, 8) for s in (1, 3)]}
-GEMM_CONFIGS = {M: sorted({(min(M, bm), bn, 128, w, s, split, False) for bm in (16, 32, 64) for bn in (16, 32, 64)
+# kernels.quant_matmul.GemmTiles fields in order; maxnreg None: the compiler's register count
+GEMM_CONFIGS = {M: sorted({(min(M, bm), bn, 128, w, s, split, False, None) for bm in (16, 32, 64) for bn in (16, 32, 64)
                            for w, s in ((4, 3), (4, 4)) for split in (1, 2, 4, 8)}
                           | {(min(M, bm), bn, 128, w, s, split, True, reg) for bm in (16, 32, 64)
                              for bn, w in ((64, 4), (128, 4), (128, 8)) for s in (3, 4) for split in (1, 2, 3, 4, 8)
-                             for reg in (None, 96) if reg is None or bn == 64}, key=lambda t: (t[:7], t[7:] != (None,)))
+                             for reg in (None, 96) if reg is None or bn == 64}, key=lambda t: (t[:7], t[7] or 0))
                 for M in (16, 32, 64)}
 L2_BUST_BYTES = 400e6  # several times an H200's 50 MB L2
 

@@ -31,7 +31,8 @@ def main():
                          HAS_RESIDUAL=not act, ACT=act, BLOCK_N=16, BLOCK_K=1024, NG=max(1024 // group, 1),
                          STAGES=1 if bits == 4 else 3, FMA=True, PDL=True))
     for bits, group, zero, perm, block_m, swap in [(4, 32, True, False, 16, False), (4, 128, True, True, 32, True),
-                                                   (8, 4096, False, False, 64, False), (8, 4096, False, False, 32, True)]:
+                                                   (8, 4096, False, False, 64, False),
+                                                   (8, 4096, False, False, 32, True)]:
         compile_one(qm._quant_matmul_kernel,
                     dict(x_ptr=BF16, q_ptr="*u8" if bits == 4 else "*i8", s_ptr="*fp32", z_ptr="*fp32",
                          perm_ptr="*i64", bias_ptr=BF16, res_ptr=BF16, y_ptr=BF16, part_ptr="*fp32"),
